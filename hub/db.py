@@ -1,0 +1,148 @@
+"""The governance store: one engine, sessions that commit or roll back, schema by Alembic.
+
+SQLite (a file under ``MEDZONE_HOME``) is the default; PostgreSQL is used when
+``MEDZONE_DB_URL`` names it (``postgresql+psycopg://…``). Service functions
+(:mod:`medzone_hub.accounts`, :mod:`medzone_hub.registry`, :mod:`medzone_hub.access`,
+:mod:`medzone_hub.audit`) take a :class:`~sqlalchemy.orm.Session`, make their change and
+its audit row, and leave the commit to the caller::
+
+    store = connect(home.db_url)
+    with store.session() as session:
+        app = access.apply(session, user="alice", dataset_ids=["ct-demo"], purpose="…")
+    # committed here, or rolled back if the block raised
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import InvalidInput
+
+#: Seconds a SQLite connection waits for another writer before giving up.
+SQLITE_BUSY_TIMEOUT = 30
+
+
+class Store:
+    """An engine and the sessions made from it.
+
+    Objects loaded in a session stay usable after it closes (``expire_on_commit=False``),
+    so a face can print what a service function returned after the commit.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> URL:
+        return self.engine.url
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed if the block succeeds, else rolled back."""
+        with self._sessionmaker.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        """Close pooled connections (a later session opens new ones)."""
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.url.render_as_string(hide_password=True)}>"
+
+
+def connect(db_url: str | URL) -> Store:
+    """Open the store at *db_url* and migrate its schema to the newest revision."""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+    except Exception:
+        engine.dispose()
+        raise
+    return Store(engine)
+
+
+def make_engine(db_url: str | URL) -> Engine:
+    """An engine for *db_url*, set up the way the store relies on (no migration)."""
+    url = _normalise_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        _serialise_sqlite_writers(engine)
+    else:
+        # Timestamps come back as UTC and raw SQL output is UTC too, whatever the server's
+        # TimeZone setting; models convert to UTC anyway, so this is for people reading.
+        engine = create_engine(
+            url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"}
+        )
+    return engine
+
+
+def alembic_config(engine: Engine | None = None) -> Config:
+    """An Alembic config for the packaged migrations; no ``alembic.ini`` needed.
+
+    With *engine*, ``env.py`` migrates through it (and its SQLite event hooks).
+    """
+    config = Config()
+    config.set_main_option("script_location", "medzone_hub:migrations")
+    if engine is not None:
+        config.set_main_option(
+            "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%")
+        )
+        config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations up to *revision* (default: the newest)."""
+    command.upgrade(alembic_config(engine), revision)
+
+
+def _normalise_url(db_url: str | URL) -> URL:
+    try:
+        url = make_url(db_url)
+    except Exception as err:  # ArgumentError, ValueError: both mean "not a database URL"
+        raise InvalidInput(f"not a database URL: {db_url!r} ({err})") from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise InvalidInput(
+            f"unsupported database {backend!r}: use sqlite:/// or postgresql+psycopg://"
+        )
+    if url.drivername in ("postgresql", "postgres"):
+        # Plain postgresql:// would select psycopg2, which MedZone does not install.
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def _serialise_sqlite_writers(engine: Engine) -> None:
+    """Begin every SQLite transaction with ``BEGIN IMMEDIATE``.
+
+    With SQLite's default deferred transactions, two sessions may both read the audit
+    head and then both try to write it; the second then fails with "database is locked"
+    at once instead of waiting. Taking the write lock at BEGIN makes it wait its turn
+    (up to :data:`SQLITE_BUSY_TIMEOUT`). This is SQLAlchemy's documented pysqlite recipe:
+    stop the driver from issuing BEGIN itself and issue our own.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # Off by default in SQLite; the schema's foreign keys are meant to hold.
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
