@@ -1,0 +1,340 @@
+"""``medzone``: the command-line face of the service functions (contracts in DESIGN.md).
+
+Each subcommand parses arguments, opens the store, calls one service function and prints
+the result. Rules live in the service modules, never here. A refusal is one line on stderr
+and a non-zero exit; ``--json`` output goes to stdout alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .config import MedZoneHome, resolve_home
+from .errors import IngestRefused, InvalidInput, MedZoneError
+
+#: How many refusal findings are printed before "… and N more".
+MAX_FINDINGS_SHOWN = 40
+
+
+def default_actor() -> str:
+    """Who a CLI decision is recorded as when no ``--by``/``--reviewer`` names a person."""
+    return os.environ.get("MEDZONE_ACTOR") or f"cli:{getpass.getuser()}"
+
+
+def _open_store(home: MedZoneHome):
+    from .db import connect
+
+    return connect(home.ensure().db_url)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[str(row.get(c, "") if row.get(c) is not None else "-") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+# --- demo-data -------------------------------------------------------------------------
+
+def cmd_demo_data(args, home: MedZoneHome) -> int:
+    from .demodata import generate_cohort
+
+    summary = generate_cohort(Path(args.dir), patients=args.patients, seed=args.seed,
+                              progress=not args.quiet)
+    print(f"wrote {summary.patients} synthetic patients ({summary.files} files, "
+          f"{summary.bytes / 1e6:.1f} MB) to {summary.out_dir} in {summary.seconds:.1f} s; "
+          "identities are fake but shaped like real ones")
+    return 0
+
+
+# --- dataset ---------------------------------------------------------------------------
+
+def _dataset_row(ds) -> dict:
+    return {
+        "id": ds.id,
+        "title": ds.title,
+        "deidentified": ds.deidentified,
+        "patients": ds.n_patients,
+        "files": ds.n_files,
+        "bytes": ds.n_bytes,
+        "modalities": list(ds.modalities or []),
+        "manifest_sha256": ds.manifest_sha256,
+        "created_at": _iso(ds.created_at),
+    }
+
+
+def cmd_dataset_add(args, home: MedZoneHome) -> int:
+    from .ingest import ingest_dataset, read_pseudonym_key
+
+    key = read_pseudonym_key(home, args.key_file) if args.deidentify else None
+    if key is None and args.key_file and not args.deidentify:
+        raise InvalidInput("--key-file only applies with --deidentify")
+    store = _open_store(home)
+    report = ingest_dataset(home, store, args.id, Path(args.source), title=args.title,
+                            deidentify=args.deidentify, pseudonym_key=key,
+                            actor=args.by or default_actor(), progress=not args.quiet)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.summary_line())
+    return 0
+
+
+def cmd_dataset_list(args, home: MedZoneHome) -> int:
+    from .registry import list_datasets
+
+    with _open_store(home).session() as session:
+        rows = [_dataset_row(ds) for ds in list_datasets(session)]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            r["size"] = f"{r['bytes'] / 1e6:.1f} MB"
+            r["modalities"] = ",".join(r["modalities"])
+        _print_table(rows, ["id", "title", "patients", "files", "size", "modalities", "deidentified"])
+    return 0
+
+
+# --- user ------------------------------------------------------------------------------
+
+def cmd_user_add(args, home: MedZoneHome) -> int:
+    from .accounts import add_user
+
+    with _open_store(home).session() as session:
+        user = add_user(session, args.name, admin=args.admin, roles=args.role or (),
+                        approved=True, actor=args.by or default_actor())
+        name = user.name
+    print(name)
+    return 0
+
+
+def cmd_user_list(args, home: MedZoneHome) -> int:
+    from .accounts import list_users
+
+    with _open_store(home).session() as session:
+        rows = [{"name": u.name, "admin": bool(u.admin), "roles": list(u.roles or []),
+                 "approved": bool(u.approved)} for u in list_users(session)]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            r["roles"] = ",".join(r["roles"])
+        _print_table(rows, ["name", "admin", "roles", "approved"])
+    return 0
+
+
+# --- access ----------------------------------------------------------------------------
+
+def _application_row(app, now: datetime) -> dict:
+    from .access import application_state
+
+    return {
+        "id": app.id,
+        "user": app.user.name,
+        "datasets": sorted(ds.id for ds in app.datasets),
+        "purpose": app.purpose,
+        "state": application_state(app, now),
+        "requested_days": app.requested_days,
+        "created_at": _iso(app.created_at),
+        "decided_by": app.decided_by,
+        "decided_at": _iso(app.decided_at),
+        "reason": app.decision_reason,
+        "expires_at": _iso(app.expires_at),
+        "revoked_by": app.revoked_by,
+        "revoked_at": _iso(app.revoked_at),
+    }
+
+
+def cmd_access_apply(args, home: MedZoneHome) -> int:
+    from .access import apply
+
+    with _open_store(home).session() as session:
+        app = apply(session, user=args.user, dataset_ids=args.datasets, purpose=args.purpose,
+                    days=args.days)
+        session.flush()
+        app_id = app.id
+    print(app_id)
+    return 0
+
+
+def cmd_access_decide(args, home: MedZoneHome) -> int:
+    from . import access
+
+    with _open_store(home).session() as session:
+        if args.action == "approve":
+            app = access.approve(session, args.id, reviewer=args.reviewer, days=args.days,
+                                 reason=args.reason)
+        elif args.action == "reject":
+            app = access.reject(session, args.id, reviewer=args.reviewer, reason=args.reason)
+        else:
+            app = access.revoke(session, args.id, actor=args.by or default_actor(),
+                                reason=args.reason)
+        state = access.application_state(app, access.utcnow())
+        expires = _iso(app.expires_at)
+    print(f"application {args.id}: {state}" + (f" until {expires}" if state == "approved" else ""))
+    return 0
+
+
+def cmd_access_list(args, home: MedZoneHome) -> int:
+    from .access import expire_due, list_applications, utcnow
+
+    now = utcnow()
+    with _open_store(home).session() as session:
+        expire_due(session, now=now)
+        rows = [_application_row(a, now) for a in list_applications(session, user=args.user, now=now)]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            r["datasets"] = ",".join(r["datasets"])
+        _print_table(rows, ["id", "user", "datasets", "state", "expires_at", "decided_by", "purpose"])
+    return 0
+
+
+# --- audit -----------------------------------------------------------------------------
+
+def cmd_audit_verify(args, home: MedZoneHome) -> int:
+    from .audit import verify
+
+    with _open_store(home).session() as session:
+        result = verify(session)
+    if args.json:
+        _print_json({"ok": result.ok, "rows": result.rows, "first_bad": result.first_bad,
+                     "reason": result.reason})
+    elif result.ok:
+        print(f"audit chain intact: {result.rows} rows")
+    else:
+        print(f"medzone: audit chain broken: {result.reason}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+# --- parser ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medzone", description="MedZone medical data safe zone.")
+    p.add_argument("--home", help="state directory (default: $MEDZONE_HOME or ~/.medzone)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo-data", help="write a synthetic cohort with fake identities")
+    demo.add_argument("dir", help="output folder (must not exist or be empty)")
+    demo.add_argument("--patients", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo_data)
+
+    dataset = sub.add_parser("dataset", help="governed datasets").add_subparsers(
+        dest="dataset_command", required=True, metavar="ACTION")
+    add = dataset.add_parser("add", help="validate, (de-identify,) and store a source folder")
+    add.add_argument("id", help="dataset id: lowercase letters, digits and hyphens")
+    add.add_argument("source", help="folder of DICOM files, CSV tables and NIfTI masks")
+    add.add_argument("--title")
+    add.add_argument("--deidentify", action="store_true",
+                     help="apply the DICOM PS3.15 basic profile and pseudonymize tables")
+    add.add_argument("--key-file", help="the data provider's pseudonymization key "
+                     "(default: $MEDZONE_PSEUDONYM_KEY_FILE, else a one-off key: not re-identifiable)")
+    add.add_argument("--by", help="who adds it (recorded in the audit log)")
+    add.add_argument("--json", action="store_true")
+    add.add_argument("--quiet", action="store_true", help="no progress bar")
+    add.set_defaults(func=cmd_dataset_add)
+    ls = dataset.add_parser("list", help="list datasets")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_dataset_list)
+
+    user = sub.add_parser("user", help="hub accounts").add_subparsers(
+        dest="user_command", required=True, metavar="ACTION")
+    uadd = user.add_parser("add", help="create an approved account")
+    uadd.add_argument("name")
+    uadd.add_argument("--admin", action="store_true")
+    uadd.add_argument("--role", action="append", help="e.g. data-steward, export-reviewer (repeatable)")
+    uadd.add_argument("--by", help="who creates it (recorded in the audit log)")
+    uadd.set_defaults(func=cmd_user_add)
+    ulist = user.add_parser("list", help="list accounts")
+    ulist.add_argument("--json", action="store_true")
+    ulist.set_defaults(func=cmd_user_list)
+
+    access = sub.add_parser("access", help="dataset access applications and grants").add_subparsers(
+        dest="access_command", required=True, metavar="ACTION")
+    ap = access.add_parser("apply", help="apply for datasets; prints the application id")
+    ap.add_argument("user")
+    ap.add_argument("datasets", nargs="+", metavar="DATASET")
+    ap.add_argument("--purpose", required=True)
+    ap.add_argument("--days", type=int, default=90, help="requested duration (default 90)")
+    ap.set_defaults(func=cmd_access_apply)
+    for action, helptext in (("approve", "approve a pending application"),
+                             ("reject", "reject a pending application"),
+                             ("revoke", "revoke a live grant")):
+        d = access.add_parser(action, help=helptext)
+        d.add_argument("id", type=int)
+        if action == "revoke":
+            d.add_argument("--by", help="who revokes (recorded in the audit log)")
+        else:
+            d.add_argument("--reviewer", required=True)
+        if action == "approve":
+            d.add_argument("--days", type=int, help="grant duration (default: as requested)")
+        d.add_argument("--reason", help="why (recorded with the decision)")
+        d.set_defaults(func=cmd_access_decide, action=action)
+    al = access.add_parser("list", help="list applications and grants")
+    al.add_argument("--user")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(func=cmd_access_list)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION")
+    av = audit.add_parser("verify", help="exit 0 if the hash chain is intact, 1 naming the first bad row")
+    av.add_argument("--json", action="store_true")
+    av.set_defaults(func=cmd_audit_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        home = resolve_home(args.home)
+        return args.func(args, home)
+    except IngestRefused as err:
+        print(f"medzone: error: {err}", file=sys.stderr)
+        for line in err.findings[:MAX_FINDINGS_SHOWN]:
+            print(f"  {line}", file=sys.stderr)
+        if len(err.findings) > MAX_FINDINGS_SHOWN:
+            print(f"  … and {len(err.findings) - MAX_FINDINGS_SHOWN} more", file=sys.stderr)
+        return err.exit_code
+    except MedZoneError as err:
+        print(f"medzone: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("medzone: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("MEDZONE_DEBUG"):
+            raise
+        print(f"medzone: internal error: {type(err).__name__}: {err} "
+              "(set MEDZONE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

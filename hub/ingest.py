@@ -1,0 +1,480 @@
+"""Ingest: validate a source folder, (de-identify,) stage, index and publish a dataset atomically.
+
+Nothing is visible until the very end: files are written to a staging folder beside the
+datasets, the database row and audit entry are added in one transaction, and the staging
+folder is renamed into place inside that transaction. A refusal, a bad file, a full disk or
+an interrupt leaves neither a row nor a folder behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import ahocorasick
+
+from .config import MedZoneHome
+from .errors import Conflict, IngestRefused, InvalidInput, MedZoneError
+from .deid.dicom import clear_caches as clear_deid_caches
+from .manifest import ManifestBuilder
+
+SUPPORTED = "DICOM files, CSV tables and NIfTI images"
+ENV_KEY_FILE = "MEDZONE_PSEUDONYM_KEY_FILE"
+MIN_KEY_BYTES = 16
+#: Identity values shorter than this are not searched for in stored bytes: a 3-byte Hangul
+#: surname would match random pixel data by chance.
+MIN_SEARCHABLE_BYTES = 6
+
+KIND_ORDER = {"table": 0, "dicom": 1, "nifti": 2}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    rel: PurePosixPath
+    kind: str  # "dicom" | "table" | "nifti"
+
+
+@dataclass
+class IngestReport:
+    dataset_id: str
+    path: Path
+    deidentified: bool
+    files: int
+    source_bytes: int
+    stored_bytes: int
+    patients: int
+    series: int
+    seconds: float
+    manifest_sha256: str
+    one_off_key: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds if self.seconds else float("inf")
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.source_bytes / 1e6 / self.seconds if self.seconds else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"id": self.dataset_id, "path": str(self.path), "deidentified": self.deidentified,
+                "files": self.files, "source_bytes": self.source_bytes,
+                "stored_bytes": self.stored_bytes, "patients": self.patients,
+                "series": self.series, "seconds": round(self.seconds, 3),
+                "files_per_s": round(self.files_per_s, 1), "mb_per_s": round(self.mb_per_s, 2),
+                "manifest_sha256": self.manifest_sha256, "one_off_key": self.one_off_key,
+                "warnings": self.warnings}
+
+    def summary_line(self) -> str:
+        how = "de-identified (DICOM PS3.15 basic profile)" if self.deidentified else "as provided"
+        line = (f"dataset '{self.dataset_id}' stored {how}: {self.patients} patients, "
+                f"{self.series} series, {self.files} files, {self.stored_bytes / 1e6:.1f} MB "
+                f"in {self.seconds:.1f} s ({self.files_per_s:.0f} files/s, {self.mb_per_s:.1f} MB/s)")
+        if self.one_off_key:
+            line += "; no --key-file: pseudonyms used a one-off key and cannot be re-identified"
+        for w in self.warnings:
+            line += f"\nwarning: {w}"
+        return line
+
+
+# --- keys ------------------------------------------------------------------------------
+
+def read_pseudonym_key(home: MedZoneHome, key_file: str | os.PathLike | None) -> bytes | None:
+    """The data provider's key, or None (then a one-off key is used and forgotten)."""
+    raw = key_file or os.environ.get(ENV_KEY_FILE)
+    if not raw:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if path.is_relative_to(home.root):
+        # Pseudonyms are re-identifiable with this key; the zone must never hold it.
+        raise InvalidInput(f"{path}: the pseudonymization key must be kept outside MEDZONE_HOME")
+    try:
+        key = path.read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"{path}: cannot read key file ({err.strerror})") from None
+    if len(key.strip()) < MIN_KEY_BYTES:
+        raise InvalidInput(f"{path}: key file holds fewer than {MIN_KEY_BYTES} bytes")
+    return key.strip()
+
+
+def screening_index_key(home: MedZoneHome) -> bytes:
+    """The zone's own key for the screening index's hashes (created once, mode 0600)."""
+    path = home.ensure().secrets_dir / "screening-index.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+# --- reading sources -------------------------------------------------------------------
+
+def _classify(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        return "table"
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".dcm"):
+        return "dicom"
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return "dicom" if head[128:132] == b"DICM" else None
+
+
+def scan_source(source: Path) -> list[SourceFile]:
+    """Every file of the source, tables first, then DICOM, then NIfTI; refuses what is not data."""
+    if not source.exists():
+        raise InvalidInput(f"source not found: {source}")
+    if not source.is_dir():
+        raise InvalidInput(f"source is not a folder: {source}")
+    found = []
+    for path in sorted(source.rglob("*")):
+        rel = PurePosixPath(path.relative_to(source).as_posix())
+        if path.is_symlink():
+            raise InvalidInput(f"{rel}: symbolic links are not ingested (copy the file instead)")
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise InvalidInput(f"{rel}: not a regular file")
+        kind = _classify(path)
+        if kind is None:
+            raise InvalidInput(f"{rel}: unsupported file type (MedZone ingests {SUPPORTED})")
+        found.append(SourceFile(path, rel, kind))
+    if not found:
+        raise InvalidInput(f"source holds no files: {source}")
+    return sorted(found, key=lambda f: (KIND_ORDER[f.kind], f.rel.as_posix()))
+
+
+def _why(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:160]
+
+
+def read_dicom(src: SourceFile):
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src.path)
+        if "PixelData" in ds:
+            ds.pixel_array  # decodes the whole image: a truncated file fails here, not later
+    except Exception as err:  # pydicom raises many types for bad input
+        raise InvalidInput(f"{src.rel}: not a readable DICOM file ({_why(err)})") from None
+    return ds
+
+
+def read_table(src: SourceFile):
+    from .deid.tables import read_csv_table
+
+    try:
+        return read_csv_table(src.path)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{src.rel}: unreadable CSV (neither UTF-8 nor CP949 text)") from None
+    except Exception as err:
+        raise InvalidInput(f"{src.rel}: unreadable CSV ({_why(err)})") from None
+
+
+def read_nifti(src: SourceFile):
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        img = nib.load(src.path)
+        np.asanyarray(img.dataobj)  # reads every voxel: a truncated file fails here
+    except Exception as err:
+        raise InvalidInput(f"{src.rel}: not a readable NIfTI image ({_why(err)})") from None
+    return img
+
+
+# --- the staged copy -------------------------------------------------------------------
+
+def _make_read_only(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o444)
+        os.chmod(dirpath, 0o555)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also removes read-only stored datasets (as a non-root user)."""
+    if not path.exists():
+        return
+    for dirpath, _, _ in os.walk(path):
+        os.chmod(dirpath, stat.S_IRWXU)
+    shutil.rmtree(path)
+
+
+def _clean_stale_staging(home: MedZoneHome) -> None:
+    """Remove staging folders whose ingest process died (killed, power loss)."""
+    if not home.staging_dir.exists():
+        return
+    for entry in home.staging_dir.iterdir():
+        try:
+            pid = int((entry / ".pid").read_text())
+            os.kill(pid, 0)
+            continue  # still running
+        except (OSError, ValueError):
+            remove_tree(entry)
+
+
+class _Stager:
+    """Writes one dataset into its staging folder and tracks what must never leave the source."""
+
+    def __init__(self, home: MedZoneHome, dataset_id: str):
+        home.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.root = home.staging_dir / f"{dataset_id}-{secrets.token_hex(4)}"
+        self.root.mkdir()
+        (self.root / ".pid").write_text(str(os.getpid()))
+        self.data = self.root / "data"
+        self.data.mkdir()
+
+    def target(self, rel: PurePosixPath) -> Path:
+        out = self.data / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+# --- de-identification of paths and the final byte check -------------------------------
+
+def _path_findings(rel: PurePosixPath, identity: ahocorasick.Automaton | None) -> list[str]:
+    from .screen.recognizers import find_identifiers
+
+    findings = []
+    text = rel.as_posix()
+    if find_identifiers(text):
+        findings.append(f"{rel}: file or folder name (looks like an identifier)")
+    elif identity is not None and next(identity.iter(text.lower()), None) is not None:
+        findings.append(f"{rel}: file or folder name (carries a patient identifier)")
+    return findings
+
+
+def _identity_automaton(values: set[str]) -> ahocorasick.Automaton | None:
+    """Multi-pattern matcher over the UTF-8 bytes of identity values (as latin-1 text)."""
+    auto = ahocorasick.Automaton()
+    for value in values:
+        for variant in {value, value.lower(), value.upper()}:
+            raw = variant.encode("utf-8")
+            if len(raw) >= MIN_SEARCHABLE_BYTES:
+                word = raw.decode("latin-1")
+                auto.add_word(word, word)
+    if len(auto) == 0:
+        return None
+    auto.make_automaton()
+    return auto
+
+
+def _glued_to_digits(text: str, end: int, word: str) -> bool:
+    """True when a hit is part of a longer digit run: an 8-digit MRN inside a 39-digit
+    ``2.25.`` UID is chance, not a surviving identifier."""
+    start = end - len(word) + 1
+    before = text[start - 1] if start > 0 else ""
+    after = text[end + 1] if end + 1 < len(text) else ""
+    return (word[0].isdigit() and before.isdigit()) or (word[-1].isdigit() and after.isdigit())
+
+
+def identity_survivors(root: Path, values: set[str]) -> list[str]:
+    """Files under root whose bytes still contain an original identity value."""
+    auto = _identity_automaton(values)
+    if auto is None:
+        return []
+    bad = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            text = path.read_bytes().decode("latin-1")
+            if any(not _glued_to_digits(text, end, word) for end, word in auto.iter(text)):
+                bad.append(f"{path.relative_to(root)}: an original identifier survived de-identification")
+    return bad
+
+
+def _name_automaton(values: set[str]) -> ahocorasick.Automaton | None:
+    auto = ahocorasick.Automaton()
+    for value in values:
+        if len(value.encode()) >= MIN_SEARCHABLE_BYTES:
+            auto.add_word(value.lower(), None)
+    if len(auto) == 0:
+        return None
+    auto.make_automaton()
+    return auto
+
+
+# --- the ingest itself -----------------------------------------------------------------
+
+def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
+                   title: str | None = None, deidentify: bool = False,
+                   pseudonym_key: bytes | None = None, actor: str,
+                   progress: bool = True) -> IngestReport:
+    """Validate ``source`` and publish it as dataset ``dataset_id`` (see the module docstring)."""
+    from tqdm import tqdm
+
+    from .registry import dataset_exists, register_dataset, validate_dataset_id
+
+    started = time.perf_counter()
+    dataset_id = validate_dataset_id(dataset_id)
+    home.ensure()
+    with store.session() as session:
+        if dataset_exists(session, dataset_id):
+            raise Conflict(f"dataset '{dataset_id}' exists already")
+    source = Path(source).expanduser().resolve()
+    files = scan_source(source)
+    if source.is_relative_to(home.root):
+        raise InvalidInput(f"{source}: the source must be outside MEDZONE_HOME")
+    one_off_key = deidentify and pseudonym_key is None
+    if one_off_key:
+        pseudonym_key = secrets.token_bytes(32)
+
+    _clean_stale_staging(home)
+    stager = _Stager(home, dataset_id)
+    published = None
+    try:
+        with tqdm(total=len(files), desc=f"ingest {dataset_id}", unit="file", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True) as bar:
+            staged = _stage_all(stager, files, bar, dataset_id, title or dataset_id, deidentify,
+                                pseudonym_key, screening_index_key(home))
+        manifest, manifest_sha = staged.manifest.write(stager.root / "manifest.json")
+        (stager.root / ".pid").unlink()
+        _make_read_only(stager.root)
+        final = home.dataset_dir(dataset_id)
+        with store.session() as session:
+            totals = manifest["totals"]
+            register_dataset(session, dataset_id=dataset_id, title=title or dataset_id,
+                             manifest_sha256=manifest_sha, deidentified=deidentify,
+                             n_files=totals["files"], n_bytes=totals["bytes"],
+                             n_patients=totals["patients"], modalities=totals["modalities"],
+                             actor=actor)
+            session.flush()
+            if final.exists():
+                # No row names it (checked above), so it is what an interrupted publish left.
+                remove_tree(final)
+            os.rename(stager.root, final)
+            published = final
+            os.chmod(final, 0o555)
+        published = None  # committed: nothing to undo
+    except OSError as err:
+        if err.errno == 28:
+            raise MedZoneError("ingest stopped: no space left on the device; nothing was stored") from None
+        raise
+    finally:
+        if published is not None:
+            remove_tree(published)
+        remove_tree(stager.root)
+        clear_deid_caches()  # they hold original header text
+
+    seconds = time.perf_counter() - started
+    totals = manifest["totals"]
+    return IngestReport(dataset_id=dataset_id, path=home.dataset_dir(dataset_id),
+                        deidentified=deidentify, files=len(files),
+                        source_bytes=sum(f.path.stat().st_size for f in files),
+                        stored_bytes=totals["bytes"], patients=totals["patients"],
+                        series=totals["series"], seconds=seconds, manifest_sha256=manifest_sha,
+                        one_off_key=one_off_key, warnings=manifest["warnings"])
+
+
+@dataclass
+class _Staged:
+    manifest: ManifestBuilder
+
+
+def _stage_all(stager: _Stager, files: list[SourceFile], bar, dataset_id: str, title: str, deidentify: bool,
+               pseudonym_key: bytes | None, index_key: bytes) -> _Staged:
+    from .deid.dicom import deidentify_dicom, dicom_findings
+    from .deid.nifti import deidentify_nifti, nifti_findings
+    from .deid.profile import profile_description
+    from .deid.pseudonym import Pseudonymizer
+    from .deid.tables import deidentify_table, table_findings
+    from .screen.index import ScreeningIndexBuilder
+
+    manifest = ManifestBuilder(dataset_id, title, deidentify,
+                               profile=profile_description() if deidentify else None)
+    index = ScreeningIndexBuilder(index_key)
+    pz = Pseudonymizer(pseudonym_key) if deidentify else None
+    findings: list[str] = []          # refusals (without --deidentify) or leaks (with it)
+    identity_values: set[str] = set()  # original identifiers that must not reach the store
+    patient_ids: set[str] = set()      # original patient ids: folder names get pseudonyms
+
+    def stored_rel(rel: PurePosixPath) -> PurePosixPath:
+        if pz is None:
+            return rel
+        parts = [pz.patient_pseudonym(p) if p in patient_ids else p for p in rel.parts]
+        return PurePosixPath(*parts)
+
+    for src in files:
+        if src.kind == "table":
+            frame = read_table(src)
+            if pz is None:
+                findings += table_findings(frame, str(src.rel))
+                out = stager.target(src.rel)
+                shutil.copyfile(src.path, out)
+            else:
+                result = deidentify_table(frame, pz, relpath=str(src.rel))
+                frame = result.frame
+                identity_values |= set(result.identity_values)
+                patient_ids |= set(result.patient_ids)
+                findings += table_findings(frame, str(src.rel))
+                out = stager.target(stored_rel(src.rel))
+                frame.to_csv(out, index=False)
+            index.add_table(frame)
+            manifest.add_table(out, out.relative_to(stager.data), frame)
+        elif src.kind == "dicom":
+            ds = read_dicom(src)
+            if pz is None:
+                findings += dicom_findings(ds, str(src.rel))
+                out = stager.target(src.rel)
+                shutil.copyfile(src.path, out)
+            else:
+                result = deidentify_dicom(ds, pz, relpath=str(src.rel))
+                ds = result.dataset
+                identity_values |= set(result.identity_values)
+                if result.patient_id:
+                    patient_ids.add(str(result.patient_id))
+                findings += dicom_findings(ds, str(src.rel))
+                out = stager.target(stored_rel(src.rel))
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                out.write_bytes(buffer.getvalue())
+            index.add_dicom(ds)
+            manifest.add_dicom(out, out.relative_to(stager.data), ds)
+        else:
+            img = read_nifti(src)
+            if pz is None:
+                findings += nifti_findings(img, str(src.rel))
+                out = stager.target(src.rel)
+                shutil.copyfile(src.path, out)
+            else:
+                import nibabel as nib
+
+                img = deidentify_nifti(img)
+                findings += nifti_findings(img, str(src.rel), strict=True)
+                out = stager.target(stored_rel(src.rel))
+                nib.save(img, out)
+            manifest.add_file(out, out.relative_to(stager.data), "nifti",
+                              shape=[int(n) for n in img.shape])
+        bar.update(1)
+
+    if pz is not None:
+        names = _name_automaton(identity_values)
+        for entry in manifest.files:
+            findings += _path_findings(PurePosixPath(entry["path"]), names)
+        findings += identity_survivors(stager.data, identity_values)
+        if findings:
+            raise IngestRefused(
+                f"de-identification could not remove every identifier; nothing was stored "
+                f"({len(findings)} findings)", findings)
+    else:
+        for src in files:
+            findings += _path_findings(src.rel, None)
+        if findings:
+            raise IngestRefused(
+                f"source holds identifying data; nothing was stored (use --deidentify, or "
+                f"clean the source) — {len(findings)} findings", findings)
+    index.write(stager.root / "index")
+    return _Staged(manifest)

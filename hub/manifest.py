@@ -1,0 +1,143 @@
+"""A dataset's manifest: sha256 per stored file, what each file is, and each series' geometry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _floats(value) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except TypeError:
+        return [float(value)]
+
+
+@dataclass
+class _SeriesAccumulator:
+    modality: str
+    patient: str
+    folders: set[str] = field(default_factory=set)
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing_mm: list[float] | None = None
+    slice_thickness_mm: float | None = None
+    orientation: list[float] | None = None
+    positions: list[tuple[int, list[float]]] = field(default_factory=list)
+    frames: int = 0
+
+
+@dataclass
+class ManifestBuilder:
+    """Collects entries while files are staged; ``write`` produces ``manifest.json``."""
+
+    dataset_id: str
+    title: str
+    deidentified: bool
+    profile: dict | None = None
+    files: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
+    _series: dict[str, _SeriesAccumulator] = field(default_factory=dict)
+
+    def add_file(self, stored: Path, rel: PurePosixPath, kind: str, **extra) -> dict:
+        entry = {"path": rel.as_posix(), "kind": kind, "bytes": stored.stat().st_size,
+                 "sha256": sha256_file(stored), **extra}
+        self.files.append(entry)
+        return entry
+
+    def add_dicom(self, stored: Path, rel: PurePosixPath, ds) -> None:
+        series_uid = str(ds.get("SeriesInstanceUID", ""))
+        modality = str(ds.get("Modality", ""))
+        self.add_file(stored, rel, "dicom", modality=modality, series_uid=series_uid)
+        acc = self._series.get(series_uid)
+        if acc is None:
+            acc = self._series[series_uid] = _SeriesAccumulator(modality=modality,
+                                                                patient=str(ds.get("PatientID", "")))
+            acc.rows, acc.columns = ds.get("Rows"), ds.get("Columns")
+            spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+            acc.pixel_spacing_mm = _floats(spacing)
+            acc.slice_thickness_mm = float(ds.SliceThickness) if ds.get("SliceThickness") else None
+            acc.orientation = _floats(ds.get("ImageOrientationPatient"))
+        acc.folders.add(rel.parent.as_posix())
+        acc.frames += int(ds.get("NumberOfFrames", 1) or 1)
+        position = _floats(ds.get("ImagePositionPatient"))
+        if position is not None:
+            acc.positions.append((int(ds.get("InstanceNumber", 0) or 0), position))
+
+    def add_table(self, stored: Path, rel: PurePosixPath, frame) -> None:
+        self.add_file(stored, rel, "table", rows=int(len(frame)), columns=list(map(str, frame.columns)))
+
+    def series(self) -> list[dict]:
+        out = []
+        for uid, acc in sorted(self._series.items(), key=lambda kv: (kv[1].patient, sorted(kv[1].folders))):
+            entry = {
+                "series_uid": uid, "modality": acc.modality, "patient": acc.patient,
+                "folders": sorted(acc.folders), "images": acc.frames,
+                "rows": acc.rows, "columns": acc.columns,
+                "pixel_spacing_mm": acc.pixel_spacing_mm,
+                "slice_thickness_mm": acc.slice_thickness_mm,
+                "image_orientation_patient": acc.orientation,
+            }
+            if len(acc.positions) > 1 and acc.orientation and len(acc.orientation) == 6:
+                # Slice spacing is measured along the slice normal from the positions, because
+                # SliceThickness is not the spacing (overlapping or gapped reconstructions).
+                normal = np.cross(acc.orientation[:3], acc.orientation[3:])
+                along = np.sort([float(np.dot(normal, p)) for _, p in acc.positions])
+                gaps = np.diff(along)
+                entry["slice_spacing_mm"] = round(float(np.median(gaps)), 4)
+                entry["uniform_spacing"] = bool(np.allclose(gaps, gaps[0], atol=1e-3)) if len(gaps) else True
+            out.append(entry)
+        return out
+
+    def warnings(self) -> list[str]:
+        folders: dict[str, set[str]] = defaultdict(set)
+        for uid, acc in self._series.items():
+            for folder in acc.folders:
+                folders[folder].add(uid)
+        return [f"{folder}: holds {len(uids)} series (one series per folder is expected)"
+                for folder, uids in sorted(folders.items()) if len(uids) > 1]
+
+    def as_dict(self) -> dict:
+        patients = {acc.patient for acc in self._series.values() if acc.patient}
+        return {
+            "format": MANIFEST_VERSION,
+            "dataset": self.dataset_id,
+            "title": self.title,
+            "deidentified": self.deidentified,
+            "deidentification_profile": self.profile,
+            "totals": {
+                "files": len(self.files),
+                "bytes": sum(f["bytes"] for f in self.files),
+                "patients": len(patients),
+                "series": len(self._series),
+                "modalities": sorted({acc.modality for acc in self._series.values() if acc.modality}),
+            },
+            "series": self.series(),
+            "files": sorted(self.files, key=lambda f: f["path"]),
+            "warnings": self.warnings(),
+        }
+
+    def write(self, path: Path) -> tuple[dict, str]:
+        """Write the manifest; returns it and the sha256 of the exact bytes written."""
+        data = self.as_dict()
+        raw = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True).encode() + b"\n"
+        path.write_bytes(raw)
+        return data, hashlib.sha256(raw).hexdigest()

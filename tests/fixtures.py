@@ -1,0 +1,91 @@
+"""Fixtures shared by the ingest, CLI and demo tests: a synthetic cohort, a zone, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory) -> Path:
+    """Three synthetic patients with fake identities (generated once per test session)."""
+    from medzone_hub.demodata import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "source"
+    generate_cohort(out, patients=3, seed=11, progress=False)
+    return out
+
+
+@dataclass
+class Zone:
+    home: MedZoneHome
+    store: object
+
+    def audit_actions(self) -> list[str]:
+        from sqlalchemy import select
+
+        from medzone_hub.models import AuditEvent
+
+        with self.store.session() as session:
+            return list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.seq)))
+
+
+def _zone(root: Path) -> Zone:
+    from medzone_hub.db import connect
+
+    home = MedZoneHome(root).ensure()
+    return Zone(home, connect(home.db_url))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch) -> Zone:
+    """A fresh zone on SQLite in a temporary MEDZONE_HOME."""
+    monkeypatch.delenv(ENV_DB_URL, raising=False)
+    zone = _zone(tmp_path / "home")
+    yield zone
+    zone.store.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def module_env(tmp_path_factory) -> Zone:
+    saved = os.environ.pop(ENV_DB_URL, None)
+    zone = _zone(tmp_path_factory.mktemp("zone") / "home")
+    yield zone
+    zone.store.engine.dispose()
+    if saved is not None:
+        os.environ[ENV_DB_URL] = saved
+
+
+@dataclass
+class CLI:
+    """Runs the real ``medzone`` command in a subprocess against one MEDZONE_HOME."""
+
+    home: Path
+
+    def _argv(self, args) -> list[str]:
+        return [sys.executable, "-m", "medzone_hub.cli", *map(str, args)]
+
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != ENV_DB_URL}
+        env[ENV_HOME] = str(self.home)
+        return env
+
+    def run(self, *args, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self._argv(args), env=self._env(), input=input,
+                              capture_output=True, text=True, timeout=300)
+
+    def popen(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(self._argv(args), env=self._env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def cli(tmp_path) -> CLI:
+    return CLI(tmp_path / "home")
