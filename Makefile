@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MEDZONE := $(VENV)/bin/medzone
+export MEDZONE_HOME ?= $(CURDIR)/.medzone
+DEMO_DIR ?= $(CURDIR)/demo-data
+DEMO_PATIENTS ?= 20
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/install
+	bash .ci/install
+	@touch $@
+
+demo: install
+	bash .ci/demo
+
+# The store tests also run against a real PostgreSQL: .ci/postgres starts the local
+# cluster and prints the URL the tests use.
+test: install
+	@set -euo pipefail; pg_url=$$(bash .ci/postgres); export "$$pg_url"; \
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks
+
+clean-demo:
+	rm -rf "$(DEMO_DIR)"
+	chmod -R u+w "$(MEDZONE_HOME)" 2>/dev/null || true
+	rm -rf "$(MEDZONE_HOME)"

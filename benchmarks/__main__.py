@@ -1,0 +1,29 @@
+"""Run every benchmark and write ``benchmarks/results/<name>.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import bench_ingest
+
+BENCHMARKS = {"ingest": bench_ingest.run}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    for name in names:
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        result = BENCHMARKS[name]()
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out_dir / f'{name}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
