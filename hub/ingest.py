@@ -8,7 +8,6 @@ an interrupt leaves neither a row nor a folder behind.
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import shutil
@@ -226,36 +225,7 @@ def _clean_stale_staging(home: MedZoneHome) -> None:
             remove_tree(entry)
 
 
-class _Stager:
-    """Writes one dataset into its staging folder and tracks what must never leave the source."""
-
-    def __init__(self, home: MedZoneHome, dataset_id: str):
-        home.staging_dir.mkdir(parents=True, exist_ok=True)
-        self.root = home.staging_dir / f"{dataset_id}-{secrets.token_hex(4)}"
-        self.root.mkdir()
-        (self.root / ".pid").write_text(str(os.getpid()))
-        self.data = self.root / "data"
-        self.data.mkdir()
-
-    def target(self, rel: PurePosixPath) -> Path:
-        out = self.data / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return out
-
-
 # --- de-identification of paths and the final byte check -------------------------------
-
-def _path_findings(rel: PurePosixPath, identity: ahocorasick.Automaton | None) -> list[str]:
-    from .screen.recognizers import find_identifiers
-
-    findings = []
-    text = rel.as_posix()
-    if find_identifiers(text):
-        findings.append(f"{rel}: file or folder name (looks like an identifier)")
-    elif identity is not None and next(identity.iter(text.lower()), None) is not None:
-        findings.append(f"{rel}: file or folder name (carries a patient identifier)")
-    return findings
-
 
 def _identity_automaton(values: set[str]) -> ahocorasick.Automaton | None:
     """Multi-pattern matcher over the UTF-8 bytes of identity values (as latin-1 text)."""
@@ -281,30 +251,26 @@ def _glued_to_digits(text: str, end: int, word: str) -> bool:
     return (word[0].isdigit() and before.isdigit()) or (word[-1].isdigit() and after.isdigit())
 
 
+def _carries_identity(auto: ahocorasick.Automaton | None, text: str) -> bool:
+    return auto is not None and any(not _glued_to_digits(text, end, word)
+                                    for end, word in auto.iter(text))
+
+
 def identity_survivors(root: Path, values: set[str]) -> list[str]:
-    """Files under root whose bytes still contain an original identity value."""
+    """Stored files whose name or bytes still contain an original identity value."""
+    from .screen.recognizers import find_identifiers
+
     auto = _identity_automaton(values)
-    if auto is None:
-        return []
     bad = []
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = Path(dirpath) / name
-            text = path.read_bytes().decode("latin-1")
-            if any(not _glued_to_digits(text, end, word) for end, word in auto.iter(text)):
-                bad.append(f"{path.relative_to(root)}: an original identifier survived de-identification")
+            rel = path.relative_to(root).as_posix()
+            if find_identifiers(rel) or _carries_identity(auto, rel.encode().decode("latin-1")):
+                bad.append(f"{rel}: the file or folder name carries an identifier")
+            if _carries_identity(auto, path.read_bytes().decode("latin-1")):
+                bad.append(f"{rel}: an original identifier survived de-identification")
     return bad
-
-
-def _name_automaton(values: set[str]) -> ahocorasick.Automaton | None:
-    auto = ahocorasick.Automaton()
-    for value in values:
-        if len(value.encode()) >= MIN_SEARCHABLE_BYTES:
-            auto.add_word(value.lower(), None)
-    if len(auto) == 0:
-        return None
-    auto.make_automaton()
-    return auto
 
 
 # --- the ingest itself -----------------------------------------------------------------
@@ -316,6 +282,7 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
     """Validate ``source`` and publish it as dataset ``dataset_id`` (see the module docstring)."""
     from tqdm import tqdm
 
+    from .deid.pseudonym import Pseudonymizer
     from .registry import dataset_exists, register_dataset, validate_dataset_id
 
     started = time.perf_counter()
@@ -333,16 +300,17 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
         pseudonym_key = secrets.token_bytes(32)
 
     _clean_stale_staging(home)
-    stager = _Stager(home, dataset_id)
+    stager = _Staging(home, dataset_id, title or dataset_id,
+                      Pseudonymizer(pseudonym_key) if deidentify else None,
+                      screening_index_key(home))
     published = None
     try:
         with tqdm(total=len(files), desc=f"ingest {dataset_id}", unit="file", file=sys.stderr,
                   disable=not progress, dynamic_ncols=True) as bar:
-            staged = _stage_all(stager, files, bar, dataset_id, title or dataset_id, deidentify,
-                                pseudonym_key, screening_index_key(home))
-        manifest, manifest_sha = staged.manifest.write(stager.root / "manifest.json")
-        (stager.root / ".pid").unlink()
-        _make_read_only(stager.root)
+            for src in files:
+                stager.add(src)
+                bar.update(1)
+        manifest, manifest_sha = stager.finish()
         final = home.dataset_dir(dataset_id)
         with store.session() as session:
             totals = manifest["totals"]
@@ -379,102 +347,119 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
                         one_off_key=one_off_key, warnings=manifest["warnings"])
 
 
-@dataclass
-class _Staged:
-    manifest: ManifestBuilder
+class _Staging:
+    """One ingest's staging folder and what was learnt while filling it.
 
+    Every file is checked as it will be stored: the source itself when it is kept as
+    provided, the de-identified copy otherwise. ``finish`` refuses the whole dataset if any
+    check found something.
+    """
 
-def _stage_all(stager: _Stager, files: list[SourceFile], bar, dataset_id: str, title: str, deidentify: bool,
-               pseudonym_key: bytes | None, index_key: bytes) -> _Staged:
-    from .deid.dicom import deidentify_dicom, dicom_findings
-    from .deid.nifti import deidentify_nifti, nifti_findings
-    from .deid.profile import profile_description
-    from .deid.pseudonym import Pseudonymizer
-    from .deid.tables import deidentify_table, table_findings
-    from .screen.index import ScreeningIndexBuilder
+    def __init__(self, home: MedZoneHome, dataset_id: str, title: str, pz, index_key: bytes):
+        from .deid.profile import profile_description
+        from .screen.index import ScreeningIndexBuilder
 
-    manifest = ManifestBuilder(dataset_id, title, deidentify,
-                               profile=profile_description() if deidentify else None)
-    index = ScreeningIndexBuilder(index_key)
-    pz = Pseudonymizer(pseudonym_key) if deidentify else None
-    findings: list[str] = []          # refusals (without --deidentify) or leaks (with it)
-    identity_values: set[str] = set()  # original identifiers that must not reach the store
-    patient_ids: set[str] = set()      # original patient ids: folder names get pseudonyms
+        home.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.root = home.staging_dir / f"{dataset_id}-{secrets.token_hex(4)}"
+        self.root.mkdir()
+        (self.root / ".pid").write_text(str(os.getpid()))
+        self.data = self.root / "data"
+        self.data.mkdir()
+        self.pz = pz
+        self.manifest = ManifestBuilder(dataset_id, title, pz is not None,
+                                        profile=profile_description() if pz else None)
+        self.index = ScreeningIndexBuilder(index_key)
+        self.findings: list[str] = []
+        self.identity_values: set[str] = set()  # original identifiers that must not be stored
+        self.patient_ids: set[str] = set()      # original patient ids: folders get pseudonyms
 
-    def stored_rel(rel: PurePosixPath) -> PurePosixPath:
-        if pz is None:
-            return rel
-        parts = [pz.patient_pseudonym(p) if p in patient_ids else p for p in rel.parts]
-        return PurePosixPath(*parts)
+    def add(self, src: SourceFile) -> None:
+        {"table": self._add_table, "dicom": self._add_dicom, "nifti": self._add_nifti}[src.kind](src)
 
-    for src in files:
-        if src.kind == "table":
-            frame = read_table(src)
-            if pz is None:
-                findings += table_findings(frame, str(src.rel))
-                out = stager.target(src.rel)
-                shutil.copyfile(src.path, out)
-            else:
-                result = deidentify_table(frame, pz, relpath=str(src.rel))
-                frame = result.frame
-                identity_values |= set(result.identity_values)
-                patient_ids |= set(result.patient_ids)
-                findings += table_findings(frame, str(src.rel))
-                out = stager.target(stored_rel(src.rel))
-                frame.to_csv(out, index=False)
-            index.add_table(frame)
-            manifest.add_table(out, out.relative_to(stager.data), frame)
-        elif src.kind == "dicom":
-            ds = read_dicom(src)
-            if pz is None:
-                findings += dicom_findings(ds, str(src.rel))
-                out = stager.target(src.rel)
-                shutil.copyfile(src.path, out)
-            else:
-                result = deidentify_dicom(ds, pz, relpath=str(src.rel))
-                ds = result.dataset
-                identity_values |= set(result.identity_values)
-                if result.patient_id:
-                    patient_ids.add(str(result.patient_id))
-                findings += dicom_findings(ds, str(src.rel))
-                out = stager.target(stored_rel(src.rel))
-                buffer = io.BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                out.write_bytes(buffer.getvalue())
-            index.add_dicom(ds)
-            manifest.add_dicom(out, out.relative_to(stager.data), ds)
+    def _target(self, rel: PurePosixPath) -> Path:
+        if self.pz is not None:
+            rel = PurePosixPath(*(self.pz.patient_pseudonym(p) if p in self.patient_ids else p
+                                  for p in rel.parts))
+        out = self.data / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _copy(self, src: SourceFile) -> Path:
+        out = self._target(src.rel)
+        shutil.copyfile(src.path, out)
+        return out
+
+    def _learn(self, identity_values, patient_ids) -> None:
+        self.identity_values.update(identity_values)
+        self.patient_ids.update(str(p) for p in patient_ids if p)
+
+    def _add_table(self, src: SourceFile) -> None:
+        from .deid.tables import deidentify_table, table_findings
+
+        frame = read_table(src)
+        if self.pz is None:
+            out = self._copy(src)
         else:
-            img = read_nifti(src)
-            if pz is None:
-                findings += nifti_findings(img, str(src.rel))
-                out = stager.target(src.rel)
-                shutil.copyfile(src.path, out)
-            else:
-                import nibabel as nib
+            result = deidentify_table(frame, self.pz, relpath=str(src.rel))
+            frame = result.frame
+            self._learn(result.identity_values, result.patient_ids)
+            out = self._target(src.rel)
+            frame.to_csv(out, index=False)
+        self.findings += table_findings(frame, str(src.rel))
+        self.index.add_table(frame)
+        self.manifest.add_table(out, out.relative_to(self.data), frame)
 
-                img = deidentify_nifti(img)
-                findings += nifti_findings(img, str(src.rel), strict=True)
-                out = stager.target(stored_rel(src.rel))
-                nib.save(img, out)
-            manifest.add_file(out, out.relative_to(stager.data), "nifti",
-                              shape=[int(n) for n in img.shape])
-        bar.update(1)
+    def _add_dicom(self, src: SourceFile) -> None:
+        from .deid.dicom import deidentify_dicom, dicom_findings
 
-    if pz is not None:
-        names = _name_automaton(identity_values)
-        for entry in manifest.files:
-            findings += _path_findings(PurePosixPath(entry["path"]), names)
-        findings += identity_survivors(stager.data, identity_values)
-        if findings:
-            raise IngestRefused(
-                f"de-identification could not remove every identifier; nothing was stored "
-                f"({len(findings)} findings)", findings)
-    else:
-        for src in files:
-            findings += _path_findings(src.rel, None)
-        if findings:
-            raise IngestRefused(
-                f"source holds identifying data; nothing was stored (use --deidentify, or "
-                f"clean the source) — {len(findings)} findings", findings)
-    index.write(stager.root / "index")
-    return _Staged(manifest)
+        ds = read_dicom(src)
+        if self.pz is None:
+            out = self._copy(src)
+        else:
+            result = deidentify_dicom(ds, self.pz, relpath=str(src.rel))
+            ds = result.dataset
+            self._learn(result.identity_values, [result.patient_id])
+            out = self._target(src.rel)
+            ds.save_as(out, enforce_file_format=True)
+        self.findings += dicom_findings(ds, str(src.rel))
+        self.index.add_dicom(ds)
+        self.manifest.add_dicom(out, out.relative_to(self.data), ds)
+
+    def _add_nifti(self, src: SourceFile) -> None:
+        import nibabel as nib
+
+        from .deid.nifti import deidentify_nifti, nifti_findings
+
+        img = read_nifti(src)
+        if self.pz is None:
+            out = self._copy(src)
+        else:
+            img = deidentify_nifti(img)
+            out = self._target(src.rel)
+            nib.save(img, out)
+        self.findings += nifti_findings(img, str(src.rel), strict=self.pz is not None)
+        self.manifest.add_file(out, out.relative_to(self.data), "nifti",
+                               shape=[int(n) for n in img.shape])
+
+    def finish(self) -> tuple[dict, str]:
+        """Refuse on any finding; else write the index and manifest and seal the folder."""
+        from .screen.recognizers import find_identifiers
+
+        if self.pz is None:
+            self.findings += [f"{e['path']}: file or folder name (looks like an identifier)"
+                              for e in self.manifest.files if find_identifiers(e["path"])]
+            if self.findings:
+                raise IngestRefused(
+                    f"source holds identifying data; nothing was stored (use --deidentify, or "
+                    f"clean the source) — {len(self.findings)} findings", self.findings)
+        else:
+            self.findings += identity_survivors(self.data, self.identity_values)
+            if self.findings:
+                raise IngestRefused(
+                    f"de-identification could not remove every identifier; nothing was stored "
+                    f"({len(self.findings)} findings)", self.findings)
+        self.index.write(self.root / "index")
+        result = self.manifest.write(self.root / "manifest.json")
+        (self.root / ".pid").unlink()
+        _make_read_only(self.root)
+        return result

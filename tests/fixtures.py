@@ -13,13 +13,17 @@ import pytest
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 
 
+#: Enough patients for every X-ray class and a foreign patient with an English-only name.
+COHORT_PATIENTS = 7
+
+
 @pytest.fixture(scope="session")
 def cohort_dir(tmp_path_factory) -> Path:
-    """Three synthetic patients with fake identities (generated once per test session)."""
+    """A small synthetic cohort with fake identities (generated once per test worker)."""
     from medzone_hub.demodata import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort") / "source"
-    generate_cohort(out, patients=3, seed=11, progress=False)
+    generate_cohort(out, patients=COHORT_PATIENTS, seed=11, progress=False)
     return out
 
 

@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from .fixtures import COHORT_PATIENTS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +43,7 @@ def test_access_lifecycle_through_the_cli(cli, cohort_dir, tmp_path):
     _zone_with_dataset(cli, cohort_dir, tmp_path)
     datasets = json.loads(_ok(cli.run("dataset", "list", "--json")))
     assert [d["id"] for d in datasets] == ["chest"]
-    assert datasets[0]["patients"] == 3 and datasets[0]["deidentified"] is True
+    assert datasets[0]["patients"] == COHORT_PATIENTS and datasets[0]["deidentified"] is True
 
     app_id = _ok(cli.run("access", "apply", "alice", "chest", "--purpose", "nodule study",
                          "--days", "30")).strip()

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -19,6 +20,7 @@ from medzone_hub.ingest import ingest_dataset, read_pseudonym_key
 from medzone_hub.manifest import sha256_file
 
 from .cohort import identity_values_of, original_uids_of, stored_bytes
+from .fixtures import COHORT_PATIENTS
 
 KEY = b"provider-secret-key-for-tests-0123456789"
 
@@ -125,7 +127,7 @@ def test_stored_copy_is_read_only_and_matches_its_manifest(deid_dataset):
     with env.store.session() as session:
         ds = get_dataset(session, "chest")
         assert ds.manifest_sha256 == report.manifest_sha256
-        assert ds.deidentified and ds.n_patients == 3
+        assert ds.deidentified and ds.n_patients == COHORT_PATIENTS
     for entry in manifest["files"]:
         path = root / "data" / entry["path"]
         assert sha256_file(path) == entry["sha256"]
@@ -133,7 +135,7 @@ def test_stored_copy_is_read_only_and_matches_its_manifest(deid_dataset):
     for dirpath, _, _ in os.walk(root):
         assert os.stat(dirpath).st_mode & 0o222 == 0
     ct = [s for s in manifest["series"] if s["modality"] == "CT"]
-    assert len(ct) == 3
+    assert len(ct) == COHORT_PATIENTS
     assert ct[0]["pixel_spacing_mm"] == [2.5, 2.5] and ct[0]["slice_spacing_mm"] == 2.5
     assert {s["modality"] for s in manifest["series"]} >= {"CT"}
     assert manifest["deidentification_profile"]["attributes"] >= 600
@@ -150,6 +152,13 @@ def test_screening_index_knows_the_stored_pseudonyms(deid_dataset):
     assert index.contains(pseudo) is not None
     assert index.contains(pseudo.lower().replace("-", " ")) is not None
     assert index.contains("MZP-NOT-A-PATIENT") is None
+    # every stored CT slice is fingerprinted: a copy of one is recognised, an unrelated one not
+    ct_slice = pydicom.dcmread(sorted((root / "data" / pseudo / "CT").glob("*.dcm"))[30])
+    pixels = ct_slice.pixel_array
+    assert index.exact_matches(pixels)
+    assert index.image_candidates(pixels[:, ::-1])
+    noise = np.random.default_rng(0).integers(0, 2000, pixels.shape).astype(pixels.dtype)
+    assert not index.image_candidates(noise)
 
 
 def test_duplicate_id_is_refused(deid_dataset, cohort_dir):
