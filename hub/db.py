@@ -21,9 +21,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import InvalidInput
+from .errors import InvalidInput, MedZoneError
 
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_BUSY_TIMEOUT = 30
@@ -68,6 +69,11 @@ def connect(db_url: str | URL) -> Store:
     engine = make_engine(db_url)
     try:
         upgrade(engine)
+    except OperationalError as err:
+        engine.dispose()
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else type(err).__name__
+        raise MedZoneError(f"cannot open the database {where}: {reason}") from None
     except Exception:
         engine.dispose()
         raise

@@ -119,3 +119,12 @@ def test_make_demo_script_sets_up_the_zone_and_is_rerunnable(tmp_path):
     assert sorted((g["user"], g["state"]) for g in grants) == [
         ("researcher", "approved"), ("student", "approved")]
     assert not list((tmp_path / "home").rglob("provider.key"))
+
+
+def test_unreachable_database_is_a_one_line_error(cli):
+    env = {**os.environ, "MEDZONE_HOME": str(cli.home),
+           "MEDZONE_DB_URL": "postgresql+psycopg://medzone:secret@127.0.0.1:1/none"}
+    result = subprocess.run([os.sys.executable, "-m", "medzone_hub.cli", "dataset", "list"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    err = _one_line_error(result, "cannot open the database")
+    assert "secret" not in err
