@@ -1,0 +1,850 @@
+"""Sandboxes: what one user's server or kernel sees, and the bubblewrap command that makes it.
+
+One policy builder (:func:`build_policy`) decides everything a sandbox gets: the uid it
+runs as, its private home, the datasets the user holds a live grant for at that moment,
+the Python environment, GPUs. One argv builder (:func:`bwrap_argv`) turns a policy into
+the command line; the spawner and ``medzone sandbox exec`` both use it, so a command run
+with ``exec`` sees exactly what the user's kernel sees. See ``docs/sandbox.md``.
+
+Inside a sandbox::
+
+    /home/<user>      MEDZONE_HOME/homes/<user>, read-write, owned by the sandbox uid, 0700
+    /data/<id>        MEDZONE_HOME/datasets/<id>/data, read-only, one per live grant
+    /tmp              a private tmpfs
+    /usr /bin /lib*   the host's, read-only (/etc: a small read-only subset)
+    /proc /dev        a new procfs (own pid namespace) and a minimal /dev
+    <sys.prefix>      the Python environment, read-only, at the same path
+    (nothing else of MEDZONE_HOME, no network but ``lo``, no capabilities)
+
+Running as root, the sandbox process is host uid ``uid_base + user.id`` (no passwd entry
+needed): ``setpriv`` drops to it before bubblewrap starts, so bubblewrap's own user
+namespace maps that uid to itself. Running as another user, the sandbox is that user on
+the host (bubblewrap's unprivileged user namespace) and shows ``uid_base + user.id`` inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .config import MedZoneHome
+from .errors import Conflict, InvalidInput, MedZoneError, RuleViolation
+
+BWRAP = "bwrap"
+SETPRIV = "setpriv"
+
+#: Top-level system folders bound read-only (or re-created as the host's symlink).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+#: What of the host's /etc a kernel needs (dynamic linker, users, time zone, fonts,
+#: certificates, Python's Debian config). Missing entries are skipped. Not /etc as a
+#: whole: it holds host configuration (ssh, database, PAM) a sandbox has no use for.
+ETC_ENTRIES = (
+    "alternatives", "bash.bashrc", "ca-certificates", "debian_version", "fonts", "gai.conf",
+    "group", "host.conf", "hosts", "inputrc", "jupyter", "ld.so.cache", "ld.so.conf",
+    "ld.so.conf.d", "localtime", "magic", "magic.mime", "matplotlibrc", "mime.types",
+    "nsswitch.conf", "os-release", "passwd", "profile", "protocols", "python3",
+    f"python3.{sys.version_info.minor}", "services", "ssl/certs", "ssl/openssl.cnf",
+    "terminfo", "timezone", "xdg",
+)
+
+#: Packages of this project whose source folders an editable install points into.
+PROJECT_PACKAGES = ("medzone_hub", "medzone_kernel")
+
+#: NVIDIA nodes every CUDA process needs besides its GPU's own ``/dev/nvidiaN``.
+NVIDIA_SUPPORT_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+_GPU_NODE = re.compile(r"nvidia(\d+)")
+
+
+class SandboxError(MedZoneError):
+    """A sandbox could not be set up or started."""
+
+
+# --- configuration and policy ----------------------------------------------------------
+
+@dataclass
+class SandboxConfig:
+    """Zone-wide sandbox settings (the spawner exposes each as a traitlet).
+
+    ``uid_base``: sandbox uid/gid is ``uid_base + user.id`` (pick a range no host account
+    uses). ``gpu_enabled``: pass GPUs through at all. ``allow_gpu_role``: users holding
+    this role get a GPU (``None``: every user). ``gpu_sessions_per_gpu``: how many
+    sandboxes may share one GPU. ``memory_limit_bytes``/``cpu_limit`` (CPUs, e.g. 2.0):
+    cgroup v2 limits, applied only where the machine allows it (see
+    :func:`cgroup_limits_unavailable_reason`). ``cgroup_parent``: a delegated cgroup v2
+    folder to create sandbox cgroups in (default: ``<cgroup2 mount>/medzone``).
+    ``extra_ro_binds``: ``(host path, path inside)`` pairs every sandbox also gets,
+    read-only. ``python_prefix``: the environment kernels run from (default: the running
+    interpreter's ``sys.prefix``).
+    """
+
+    uid_base: int = 200000
+    gpu_enabled: bool = True
+    allow_gpu_role: str | None = "gpu"
+    gpu_sessions_per_gpu: int = 1
+    memory_limit_bytes: int | None = None
+    cpu_limit: float | None = None
+    cgroup_parent: str | None = None
+    extra_ro_binds: list[tuple[str, str]] = field(default_factory=list)
+    python_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One GPU: ``/dev/nvidia<index>``; ``uuid`` (``GPU-…``) when the driver tells it."""
+
+    index: int
+    path: str
+    uuid: str | None = None
+
+    @property
+    def cuda_id(self) -> str:
+        # A UUID names the same GPU however the driver numbers the visible ones.
+        return self.uuid or str(self.index)
+
+
+@dataclass
+class SandboxPolicy:
+    """Everything one sandbox gets; :func:`bwrap_argv` turns it into a command line."""
+
+    user: str
+    uid: int  # inside the sandbox (and on the host when ``drop_to_uid``)
+    gid: int
+    home_host: Path
+    home_inside: str
+    datasets: dict[str, Path]  # dataset id -> host folder mounted at /data/<id>
+    gpu_devices: list[str]  # device nodes bound with --dev-bind (GPU + NVIDIA support nodes)
+    env: dict[str, str]
+    ro_binds: list[tuple[str, str]]  # Python environment, project sources, config extras
+    system_ro_binds: list[tuple[str, str]] = field(default_factory=list)
+    symlinks: list[tuple[str, str]] = field(default_factory=list)  # (target, path inside)
+    drop_to_uid: bool = False  # running as root: setpriv to uid/gid before bwrap
+    zone_root: Path | None = None  # MEDZONE_HOME; nothing else of it may be bound
+    gpu: GpuDevice | None = None
+    gpu_key: str | None = None  # this sandbox's entry in the GPU registry
+    gpu_registry: Path | None = None
+    memory_limit_bytes: int | None = None
+    cpu_limit: float | None = None
+    cgroup_parent: str | None = None
+    notes: list[str] = field(default_factory=list)  # things the spawner should log
+
+    @property
+    def host_uid(self) -> int:
+        return self.uid if self.drop_to_uid else os.getuid()
+
+    @property
+    def host_gid(self) -> int:
+        return self.gid if self.drop_to_uid else os.getgid()
+
+
+def homes_dir(home: MedZoneHome) -> Path:
+    return home.root / "homes"
+
+
+def sandbox_state_dir(home: MedZoneHome) -> Path:
+    """Host-side sandbox bookkeeping (the GPU registry); never bound into a sandbox."""
+    return home.root / "sandbox"
+
+
+def build_policy(
+    home: MedZoneHome,
+    session,
+    user: str,
+    *,
+    config: SandboxConfig | None = None,
+    now: datetime | None = None,
+    gpus: Sequence[GpuDevice] | None = None,
+    gpu_support_nodes: Sequence[str] | None = None,
+    gpu_registry: "GpuRegistry | None" = None,
+    gpu_key: str | None = None,
+) -> SandboxPolicy:
+    """The sandbox *user* gets now: :class:`NotFound` if unknown, :class:`RuleViolation` if
+    the account is not approved.
+
+    ``/data`` holds exactly :func:`medzone_hub.access.live_grants` at *now*. When the user
+    may use a GPU and GPUs exist (*gpus*, default: :func:`detect_gpus`), the least-used one
+    is reserved in *gpu_registry* (default: the zone's file) under *gpu_key* (default: one
+    per calling process and user) — release it with :func:`release_resources`. When every
+    GPU is full: :class:`Conflict`.
+    """
+    from .access import live_grants
+    from .accounts import get_user, validate_user_name
+
+    config = config or SandboxConfig()
+    validate_user_name(user)
+    account = get_user(session, user)
+    if not account.approved:
+        raise RuleViolation(f"user {user!r} is not approved: no sandbox until an admin approves")
+
+    privileged = os.geteuid() == 0
+    uid = gid = config.uid_base + account.id
+    zone_root = home.root.resolve()
+    datasets_root = home.datasets_dir.resolve()
+    notes: list[str] = []
+
+    datasets: dict[str, Path] = {}
+    for dataset_id in live_grants(session, user, now=now):
+        data = (home.dataset_dir(dataset_id) / "data").resolve()
+        if not data.is_dir() or datasets_root not in data.parents:
+            notes.append(f"dataset {dataset_id!r} is granted but its stored copy is missing")
+            continue
+        datasets[dataset_id] = data
+
+    home_inside = f"/home/{user}"
+    prefix = config.python_prefix or sys.prefix
+    env = {
+        "HOME": home_inside,
+        "USER": user,
+        "LOGNAME": user,
+        "PATH": f"{prefix}/bin:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "SHELL": "/bin/sh",
+        "MEDZONE_USER": user,
+        "MEDZONE_DATA": "/data",
+    }
+    if Path(prefix, "pyvenv.cfg").is_file():
+        env["VIRTUAL_ENV"] = prefix
+
+    policy = SandboxPolicy(
+        user=user,
+        uid=uid,
+        gid=gid,
+        home_host=homes_dir(home) / user,
+        home_inside=home_inside,
+        datasets=datasets,
+        gpu_devices=[],
+        env=env,
+        ro_binds=[(p, p) for p in python_paths(prefix)] + [tuple(b) for b in config.extra_ro_binds],
+        system_ro_binds=[],
+        symlinks=[],
+        drop_to_uid=privileged,
+        zone_root=zone_root,
+        memory_limit_bytes=config.memory_limit_bytes,
+        cpu_limit=config.cpu_limit,
+        cgroup_parent=config.cgroup_parent,
+        notes=notes,
+    )
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            policy.symlinks.append((os.readlink(path), path))
+        elif os.path.isdir(path):
+            policy.system_ro_binds.append((path, path))
+    for entry in ETC_ENTRIES:
+        path = f"/etc/{entry}"
+        if os.path.exists(path):
+            policy.system_ro_binds.append((path, path))
+    check_binds(policy)
+
+    if gpu_allowed(account, config):
+        gpus = detect_gpus() if gpus is None else list(gpus)
+        if gpus:
+            registry = gpu_registry or GpuRegistry(sandbox_state_dir(home) / "gpu-sessions.json")
+            key = gpu_key or f"pid{os.getpid()}:{user}"
+            gpu = registry.acquire(key, user=user, gpus=gpus,
+                                   per_gpu=config.gpu_sessions_per_gpu)
+            support = (nvidia_support_nodes() if gpu_support_nodes is None
+                       else list(gpu_support_nodes))
+            policy.gpu = gpu
+            policy.gpu_key = key
+            policy.gpu_registry = registry.path
+            policy.gpu_devices = [gpu.path, *support]
+            policy.env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_id
+            policy.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return policy
+
+
+def gpu_allowed(account, config: SandboxConfig) -> bool:
+    """Whether *account* may have a GPU under *config* (switch on, and the role if one is set)."""
+    if not config.gpu_enabled:
+        return False
+    return config.allow_gpu_role is None or account.has_role(config.allow_gpu_role)
+
+
+def python_paths(prefix: str | None = None) -> list[str]:
+    """Folders the kernel's Python needs, besides the system dirs: the environment
+    (*prefix*), its base interpreter when that lives outside /usr, and the source folders
+    of this project's packages when an editable install points outside the environment.
+
+    Only those folders: never the whole project checkout, which may hold MEDZONE_HOME.
+    """
+    prefix = os.path.abspath(prefix or sys.prefix)
+    paths = [prefix]
+    base = os.path.abspath(sys.base_prefix)
+    if not _under(base, "/usr") and not _under(base, prefix):
+        paths.append(base)
+    for name in PROJECT_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            location = os.path.abspath(location)
+            if os.path.isdir(location) and not any(_under(location, p) for p in paths):
+                paths.append(location)
+    return paths
+
+
+def _under(path: str, parent: str) -> bool:
+    path, parent = os.path.abspath(path), os.path.abspath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def check_binds(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]] = ()) -> None:
+    """Refuse binds that would expose MEDZONE_HOME: no bind source other than the user's
+    home and granted datasets may be MEDZONE_HOME or contain it; the sandbox's own folders
+    may not be replaced by an extra bind."""
+    if policy.zone_root is None:
+        return
+    zone = str(policy.zone_root)
+    reserved = (policy.home_inside, "/data", "/proc", "/dev")
+    for source, dest in [*policy.system_ro_binds, *policy.ro_binds, *extra_ro_binds]:
+        real = os.path.realpath(source)
+        if _under(zone, real) or _under(zone, source):
+            raise RuleViolation(
+                f"refusing to bind {source} into a sandbox: it contains MEDZONE_HOME ({zone}); "
+                "keep MEDZONE_HOME outside the Python environment and system folders"
+            )
+        if not os.path.isabs(dest) or any(_under(dest, r) for r in reserved) or dest == "/":
+            raise InvalidInput(f"cannot bind {source} at {dest!r} in a sandbox: reserved path")
+
+
+# --- the command line ------------------------------------------------------------------
+
+def bwrap_argv(
+    policy: SandboxPolicy,
+    command: Sequence[str],
+    *,
+    info_fd: int | None = None,
+    extra_ro_binds: Iterable[tuple[str, str]] = (),
+    extra_env: Mapping[str, str] | None = None,
+    cgroup: str | os.PathLike | None = None,
+) -> list[str]:
+    """The full command line running *command* in *policy*'s sandbox.
+
+    *extra_ro_binds* (e.g. the hub's socket folder) are bound read-only at the given
+    paths. *extra_env* is set inside (note: like the rest of this argv it is visible in
+    the host's process list). With *info_fd*, bubblewrap writes ``{"child-pid": N}`` there
+    (see :func:`read_info_fd`). With *cgroup* (a folder made by :func:`create_cgroup`),
+    the whole sandbox starts inside that cgroup.
+    """
+    if not command:
+        raise InvalidInput("no command to run in the sandbox")
+    extra_ro_binds = [tuple(b) for b in extra_ro_binds]
+    check_binds(policy, extra_ro_binds)
+    argv: list[str] = []
+    if cgroup is not None:
+        # Join the cgroup first (still root), then drop privileges: nothing escapes it.
+        argv += ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', os.fspath(cgroup)]
+    if policy.drop_to_uid:
+        argv += [_tool(SETPRIV), f"--reuid={policy.uid}", f"--regid={policy.gid}",
+                 "--clear-groups", "--"]
+    argv += [
+        _tool(BWRAP),
+        "--unshare-user", "--uid", str(policy.uid), "--gid", str(policy.gid),
+        "--disable-userns",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
+        "--unshare-cgroup-try",
+        "--hostname", "medzone",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop", "ALL",
+        "--clearenv",
+    ]
+    for name, value in {**policy.env, **(extra_env or {})}.items():
+        argv += ["--setenv", name, str(value)]
+    for source, dest in policy.system_ro_binds:
+        argv += ["--ro-bind", source, dest]
+    for target, dest in policy.symlinks:
+        argv += ["--symlink", target, dest]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp"]
+    # /data: its own tmpfs holding one read-only bind per grant, then made read-only itself.
+    argv += ["--tmpfs", "/data"]
+    for dataset_id, source in sorted(policy.datasets.items()):
+        argv += ["--ro-bind", str(source), f"/data/{dataset_id}"]
+    argv += ["--remount-ro", "/data"]
+    argv += ["--bind", str(policy.home_host), policy.home_inside]
+    for source, dest in [*policy.ro_binds, *extra_ro_binds]:
+        argv += ["--ro-bind", str(source), str(dest)]
+    for node in policy.gpu_devices:
+        argv += ["--dev-bind", node, node]
+    # The sandbox's root is a tmpfs bubblewrap made; nothing may be added to it later.
+    argv += ["--remount-ro", "/"]
+    argv += ["--chdir", policy.home_inside]
+    if info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
+    argv += ["--", *command]
+    return argv
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/sbin")
+    if path is None:
+        package = "bubblewrap" if name == BWRAP else "util-linux"
+        raise SandboxError(f"{name} is not installed (install the {package} package)")
+    return path
+
+
+# --- homes -----------------------------------------------------------------------------
+
+def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
+    """Create (or repair) ``MEDZONE_HOME/homes/<user>``: owned by the sandbox uid, 0700.
+
+    ``homes/`` itself is 0711 so a sandbox uid can reach its own home but list no other.
+    """
+    parent = homes_dir(home)
+    parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(parent, 0o711)
+    path = policy.home_host
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir():
+            raise SandboxError(f"{path} is not a folder: refusing to use it as a home")
+    if policy.drop_to_uid:
+        st = path.stat()
+        if (st.st_uid, st.st_gid) != (policy.uid, policy.gid):
+            os.chown(path, policy.uid, policy.gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+def check_reachable(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]] = ()) -> None:
+    """As root, bubblewrap runs as the sandbox uid, which must be able to reach every bind
+    source: fail with the folder to fix rather than bubblewrap's "Permission denied"."""
+    if not policy.drop_to_uid:
+        return
+    sources = [s for s, _ in [*policy.ro_binds, *extra_ro_binds]]
+    sources += [str(p) for p in policy.datasets.values()] + [str(policy.home_host)]
+    for source in sources:
+        for folder in [*reversed(Path(source).parents), Path(source)]:
+            try:
+                st = os.stat(folder)
+            except FileNotFoundError:
+                raise SandboxError(f"cannot bind {source} into a sandbox: it does not exist")
+            if stat.S_ISDIR(st.st_mode) and not _may(st, policy.uid, policy.gid, 1):
+                raise SandboxError(
+                    f"the sandbox uid {policy.uid} cannot reach {source}: {folder} is mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}; make it traversable (o+x) or move it"
+                )
+
+
+def _may(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid == gid:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+# --- GPUs ------------------------------------------------------------------------------
+
+def detect_gpus(dev: str = "/dev", driver_proc: str = "/proc/driver/nvidia/gpus") -> list[GpuDevice]:
+    """NVIDIA GPUs on this machine (``/dev/nvidiaN``), with UUIDs where the driver lists them."""
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return []
+    uuids: dict[int, str] = {}
+    with contextlib.suppress(OSError):
+        for bus in os.listdir(driver_proc):
+            with contextlib.suppress(OSError, ValueError):
+                text = Path(driver_proc, bus, "information").read_text()
+                minor = re.search(r"Device Minor:\s*(\d+)", text)
+                uuid = re.search(r"GPU UUID:\s*(\S+)", text)
+                if minor and uuid:
+                    uuids[int(minor.group(1))] = uuid.group(1)
+    gpus = []
+    for name in names:
+        match = _GPU_NODE.fullmatch(name)
+        if match:
+            index = int(match.group(1))
+            gpus.append(GpuDevice(index, os.path.join(dev, name), uuids.get(index)))
+    return sorted(gpus, key=lambda g: g.index)
+
+
+def nvidia_support_nodes(dev: str = "/dev") -> list[str]:
+    nodes = [os.path.join(dev, n) for n in NVIDIA_SUPPORT_NODES if os.path.exists(os.path.join(dev, n))]
+    caps = os.path.join(dev, "nvidia-caps")
+    if os.path.isdir(caps):
+        nodes += sorted(os.path.join(caps, n) for n in os.listdir(caps))
+    return nodes
+
+
+def choose_gpu(gpus: Sequence[GpuDevice], usage: Mapping[int, int], per_gpu: int) -> GpuDevice:
+    """The least-used GPU with room (lowest index on ties); :class:`Conflict` when all are full."""
+    if per_gpu < 1:
+        raise InvalidInput(f"gpu_sessions_per_gpu must be at least 1, not {per_gpu}")
+    free = [g for g in gpus if usage.get(g.index, 0) < per_gpu]
+    if not free:
+        raise Conflict(
+            f"all {len(gpus)} GPU(s) are in use ({per_gpu} session(s) per GPU): "
+            "stop another server or try again later"
+        )
+    return min(free, key=lambda g: (usage.get(g.index, 0), g.index))
+
+
+class GpuRegistry:
+    """Which sandbox holds which GPU: a small JSON file, changed under an exclusive lock.
+
+    Each entry is keyed by the caller's name for the sandbox (the spawner: one per server)
+    and records the GPU, the user and the pid of the process that owns the reservation;
+    entries whose owner has exited are dropped, so a crashed ``exec`` frees its GPU.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+            except ValueError:
+                entries = {}
+            entries = {k: v for k, v in entries.items() if _alive(v.get("pid"))}
+            yield entries
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+    def usage(self) -> dict[int, int]:
+        """Sessions per GPU index."""
+        with self._locked() as entries:
+            return _count(entries)
+
+    def acquire(self, key: str, *, user: str, gpus: Sequence[GpuDevice], per_gpu: int,
+                pid: int | None = None) -> GpuDevice:
+        """Reserve the least-used GPU for *key* (the same GPU again if *key* holds one)."""
+        with self._locked() as entries:
+            held = entries.get(key)
+            if held is not None:
+                for gpu in gpus:
+                    if gpu.index == held["gpu"]:
+                        return gpu
+            entries.pop(key, None)
+            gpu = choose_gpu(gpus, _count(entries), per_gpu)
+            entries[key] = {"gpu": gpu.index, "user": user, "pid": pid or os.getpid(),
+                            "since": int(time.time())}
+            return gpu
+
+    def set_owner(self, key: str, pid: int) -> None:
+        """Tie *key*'s reservation to process *pid* (e.g. the sandbox's monitor)."""
+        with self._locked() as entries:
+            if key in entries:
+                entries[key]["pid"] = pid
+
+    def release(self, key: str) -> None:
+        with self._locked() as entries:
+            entries.pop(key, None)
+
+
+def _count(entries: Mapping[str, dict]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for entry in entries.values():
+        counts[entry["gpu"]] = counts.get(entry["gpu"], 0) + 1
+    return counts
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- cgroup v2 limits ------------------------------------------------------------------
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or ``…/unified`` on
+    hybrid machines); ``None`` if it is not."""
+    with contextlib.suppress(OSError):
+        for line in Path(mountinfo).read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return left.split(" ")[4]
+    return None
+
+
+_cgroup2_mount = cgroup2_mount  # kept for callers of the earlier private name
+
+
+def cgroup_limits_unavailable_reason(
+    config: SandboxConfig | None = None, *, mount: str | None = None
+) -> str | None:
+    """``None`` if memory/CPU limits can be applied here; otherwise why not, in one line
+    (the spawner logs it; sandboxes then run without limits — nothing pretends otherwise).
+
+    Checks that a cgroup v2 hierarchy offers the ``memory`` and ``cpu`` controllers, and
+    that a sandbox cgroup can be created under the parent and its limits written.
+    """
+    config = config or SandboxConfig()
+    mount = mount or cgroup2_mount()
+    if mount is None:
+        return "no cgroup v2 hierarchy is mounted: memory and CPU limits are not applied"
+    parent = Path(config.cgroup_parent or Path(mount, "medzone"))
+    try:
+        offered = Path(mount, "cgroup.controllers").read_text().split()
+    except OSError as err:
+        return f"cannot read {mount}/cgroup.controllers ({err.strerror}): limits are not applied"
+    missing = [c for c in ("memory", "cpu") if c not in offered]
+    if missing:
+        return (f"the cgroup v2 hierarchy at {mount} does not offer the {' and '.join(missing)} "
+                f"controller{'s' if len(missing) > 1 else ''} (it offers: "
+                f"{' '.join(offered) or 'none'}; they are held by cgroup v1 or "
+                "not delegated): memory and CPU limits are not applied")
+    try:
+        probe = create_cgroup(parent, f"probe-{secrets.token_hex(4)}",
+                              memory_limit_bytes=1 << 30, cpu_limit=1.0, mount=mount)
+    except SandboxError as err:
+        return str(err)
+    remove_cgroup(probe)
+    return None
+
+
+def create_cgroup(parent: str | os.PathLike, name: str, *, memory_limit_bytes: int | None,
+                  cpu_limit: float | None, mount: str | None = None) -> Path:
+    """Make cgroup *parent*/*name* with the limits written; :class:`SandboxError` if not allowed."""
+    parent = Path(parent)
+    step = "create"
+    try:
+        if not parent.is_dir():
+            parent.mkdir()
+        # Controllers must be enabled on every level from the mount down to the parent.
+        mount = Path(mount or cgroup2_mount() or parent.parent)
+        chain = [p for p in [*reversed(parent.parents), parent] if _under(str(p), str(mount))]
+        for level in chain:
+            step = f"enable the memory and cpu controllers in {level}"
+            control = level / "cgroup.subtree_control"
+            enabled = control.read_text().split() if control.exists() else []
+            if not {"memory", "cpu"} <= set(enabled):
+                control.write_text("+memory +cpu")
+        path = parent / name
+        step = f"create {path}"
+        path.mkdir(exist_ok=True)
+        if memory_limit_bytes is not None:
+            step = f"write {path}/memory.max"
+            (path / "memory.max").write_text(str(int(memory_limit_bytes)))
+            with contextlib.suppress(OSError):
+                (path / "memory.swap.max").write_text("0")
+        if cpu_limit is not None:
+            step = f"write {path}/cpu.max"
+            period = 100_000
+            (path / "cpu.max").write_text(f"{max(1000, int(cpu_limit * period))} {period}")
+        return path
+    except OSError as err:
+        raise SandboxError(
+            f"cannot {step} ({err.strerror or err}): memory and CPU limits are not applied"
+        ) from None
+
+
+def remove_cgroup(path: str | os.PathLike | None) -> None:
+    """Remove a sandbox cgroup once its processes are gone (quietly if it is not there)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def sandbox_cgroup(policy: SandboxPolicy) -> tuple[Path | None, str | None]:
+    """A fresh cgroup with *policy*'s limits: ``(path, None)``; ``(None, None)`` when the
+    policy sets no limits; ``(None, reason)`` when they cannot be applied here (log it).
+    Pass the path to :func:`bwrap_argv` (``cgroup=``) and later to :func:`release_resources`."""
+    if policy.memory_limit_bytes is None and policy.cpu_limit is None:
+        return None, None
+    config = SandboxConfig(cgroup_parent=policy.cgroup_parent)
+    reason = cgroup_limits_unavailable_reason(config)
+    if reason is not None:
+        return None, reason
+    mount = cgroup2_mount()
+    parent = policy.cgroup_parent or os.path.join(mount, "medzone")
+    try:
+        path = create_cgroup(parent, f"{policy.user}-{secrets.token_hex(4)}",
+                             memory_limit_bytes=policy.memory_limit_bytes,
+                             cpu_limit=policy.cpu_limit, mount=mount)
+    except SandboxError as err:
+        return None, str(err)
+    return path, None
+
+
+def release_resources(policy: SandboxPolicy, cgroup: str | os.PathLike | None = None) -> None:
+    """Free what a stopped sandbox held: its GPU reservation and its cgroup."""
+    if policy.gpu_key and policy.gpu_registry:
+        GpuRegistry(policy.gpu_registry).release(policy.gpu_key)
+    remove_cgroup(cgroup)
+
+
+# --- running ---------------------------------------------------------------------------
+
+def run_in_sandbox(home: MedZoneHome, store, user: str, command: Sequence[str], *,
+                   config: SandboxConfig | None = None) -> int:
+    """Run *command* in *user*'s sandbox (as their kernel would see it), attached to this
+    process's stdin/stdout/stderr; returns its exit status (128+N if killed by signal N)."""
+    with store.session() as session:
+        policy = build_policy(home, session, user, config=config)
+    cgroup = None
+    try:
+        ensure_home(home, policy)
+        check_reachable(policy)
+        cgroup, reason = sandbox_cgroup(policy)
+        if reason:
+            print(f"medzone: warning: {reason}", file=sys.stderr)
+        argv = bwrap_argv(policy, list(command), cgroup=cgroup)
+        try:
+            proc = subprocess.Popen(argv, env={}, close_fds=True)
+        except OSError as err:
+            raise SandboxError(f"cannot start bubblewrap: {err}") from None
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # The monitor got the same SIGINT; --die-with-parent takes the sandbox down.
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        release_resources(policy, cgroup)
+    return 128 - rc if rc < 0 else rc
+
+
+def read_info_fd(fd: int) -> int:
+    """Read bubblewrap's ``--info-fd`` JSON from *fd* (closing it) and return the host pid of
+    the sandbox's pid 1; :class:`SandboxError` if bubblewrap exited before writing it.
+
+    Reads until the closing ``}``: the write end may stay open in the sandbox.
+    """
+    data = b""
+    try:
+        while not data.rstrip().endswith(b"}"):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        return int(json.loads(data)["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        raise SandboxError("bubblewrap exited before the sandbox started") from None
+
+
+def kill_sandbox(child_pid: int) -> bool:
+    """Stop a sandbox at once: SIGKILL to its pid 1 tears down its whole pid namespace
+    (bubblewrap forwards no signals). ``False`` if it was already gone."""
+    try:
+        os.kill(child_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass
+class SandboxProcess:
+    """A running sandbox: ``process`` is bubblewrap's monitor; ``child_pid`` the sandbox's
+    pid 1 on the host (what :func:`kill_sandbox` needs)."""
+
+    process: asyncio.subprocess.Process
+    child_pid: int
+    policy: SandboxPolicy
+    cgroup: Path | None = None
+    cgroup_unavailable_reason: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait(self) -> int:
+        """Wait for the sandbox to end, free its resources, return its exit status."""
+        rc = await self.process.wait()
+        release_resources(self.policy, self.cgroup)
+        return 128 - rc if rc < 0 else rc
+
+    async def stop(self, timeout: float = 10) -> int:
+        kill_sandbox(self.child_pid)
+        try:
+            return await asyncio.wait_for(self.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.process.kill()
+            return await self.wait()
+
+
+async def start_sandboxed(
+    policy: SandboxPolicy,
+    command: Sequence[str],
+    *,
+    extra_ro_binds: Iterable[tuple[str, str]] = (),
+    extra_env: Mapping[str, str] | None = None,
+    home: MedZoneHome | None = None,
+    timeout: float = 30,
+    **popen_kwargs,
+) -> SandboxProcess:
+    """Start *command* in *policy*'s sandbox and return once its pid 1 exists.
+
+    With *home*, the user's home folder is created first (:func:`ensure_home`). A cgroup
+    with the policy's limits is made where possible (else the reason is recorded on the
+    result). *popen_kwargs* go to :func:`asyncio.create_subprocess_exec` (stdout, stderr…).
+    """
+    extra_ro_binds = [tuple(b) for b in extra_ro_binds]
+    if home is not None:
+        ensure_home(home, policy)
+    check_reachable(policy, extra_ro_binds)
+    cgroup, reason = sandbox_cgroup(policy)
+    read_end, write_end = os.pipe()
+    try:
+        argv = bwrap_argv(policy, command, info_fd=write_end, extra_ro_binds=extra_ro_binds,
+                          extra_env=extra_env, cgroup=cgroup)
+        process = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(write_end,), env={}, start_new_session=True, **popen_kwargs)
+    except BaseException:
+        os.close(read_end)
+        release_resources(policy, cgroup)
+        raise
+    finally:
+        os.close(write_end)
+    loop = asyncio.get_running_loop()
+    try:
+        child_pid = await asyncio.wait_for(loop.run_in_executor(None, read_info_fd, read_end),
+                                           timeout)
+    except (SandboxError, asyncio.TimeoutError) as err:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        rc = await process.wait()
+        release_resources(policy, cgroup)
+        raise SandboxError(f"the sandbox for {policy.user!r} did not start "
+                           f"(bubblewrap exit status {rc})") from err
+    if policy.gpu_key and policy.gpu_registry:
+        GpuRegistry(policy.gpu_registry).set_owner(policy.gpu_key, process.pid)
+    return SandboxProcess(process, child_pid, policy, cgroup, reason)
+
+
+__all__ = [
+    "GpuDevice", "GpuRegistry", "SandboxConfig", "SandboxError", "SandboxPolicy",
+    "SandboxProcess", "build_policy", "bwrap_argv", "cgroup_limits_unavailable_reason",
+    "cgroup2_mount", "check_binds", "check_reachable", "choose_gpu", "create_cgroup",
+    "detect_gpus", "gpu_allowed", "nvidia_support_nodes", "python_paths", "sandbox_cgroup",
+    "ensure_home", "kill_sandbox", "read_info_fd", "release_resources",
+    "remove_cgroup", "run_in_sandbox", "start_sandboxed",
+]
