@@ -1,0 +1,362 @@
+"""Run the hub: JupyterHub 6 with MedZone's config, behind the npm configurable-http-proxy.
+
+``medzone hub`` calls :func:`run_hub`. Everything the hub keeps lives under
+``MEDZONE_HOME``::
+
+    hub/                     0700  the hub's private state (never visible in a sandbox)
+      jupyterhub.sqlite      0600  JupyterHub's own database (users, tokens, routes)
+      jupyterhub_cookie_secret 0600
+      proxy_token            0600  the proxy's API token
+      proxy-api.sock               the proxy's REST API (no TCP port at all)
+      proxy.pid, proxy.log         the proxy process, which outlives hub restarts
+      jupyterhub.log
+    run/                     0755
+      hub/                   0755  hub.sock: the hub API; bound read-only into sandboxes
+    homes/<name>/.medzone/   0700  jupyter.sock: that user's server (see medzone_hub.spawner)
+
+The proxy is started here, not by JupyterHub (``ConfigurableHTTPProxy.should_start`` is
+off): JupyterHub kills a proxy it finds from an earlier run, which would drop every route.
+A proxy started by :func:`ensure_proxy` keeps serving while the hub restarts, and
+``JupyterHub.cleanup_servers`` is off too, so running servers stay up and routed.
+:func:`stop_proxy` ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .config import ENV_HOME, MedZoneHome, resolve_home
+from .errors import Conflict, InvalidInput, MedZoneError
+
+#: Environment the config file reads (set by :func:`run_hub`).
+ENV_HUB_IP = "MEDZONE_HUB_IP"
+ENV_HUB_PORT = "MEDZONE_HUB_PORT"
+
+DEFAULT_IP = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+#: The package's default hub config (``hub/jupyterhub_config.py``).
+DEFAULT_CONFIG = Path(__file__).with_name("jupyterhub_config.py")
+
+#: The longest path a unix socket may have on Linux (``sun_path`` is 108 bytes).
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class HubPaths:
+    """Where the hub keeps its state and sockets, derived from ``MEDZONE_HOME``."""
+
+    home: MedZoneHome
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home.root / "hub"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "jupyterhub.sqlite"
+
+    @property
+    def cookie_secret(self) -> Path:
+        return self.state_dir / "jupyterhub_cookie_secret"
+
+    @property
+    def proxy_token(self) -> Path:
+        return self.state_dir / "proxy_token"
+
+    @property
+    def proxy_api_socket(self) -> Path:
+        return self.state_dir / "proxy-api.sock"
+
+    @property
+    def proxy_pid(self) -> Path:
+        return self.state_dir / "proxy.pid"
+
+    @property
+    def proxy_info(self) -> Path:
+        return self.state_dir / "proxy.json"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.state_dir / "proxy.log"
+
+    @property
+    def hub_log(self) -> Path:
+        return self.state_dir / "jupyterhub.log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home.root / "run"
+
+    @property
+    def hub_socket_dir(self) -> Path:
+        return self.run_dir / "hub"
+
+    @property
+    def hub_socket(self) -> Path:
+        return self.hub_socket_dir / "hub.sock"
+
+    # URLs -------------------------------------------------------------------------------
+
+    @property
+    def hub_url(self) -> str:
+        """``http+unix://…`` of the hub API socket (the same path inside every sandbox)."""
+        return unix_url(self.hub_socket)
+
+    @property
+    def proxy_api_url(self) -> str:
+        return unix_url(self.proxy_api_socket)
+
+
+def unix_url(path: os.PathLike | str) -> str:
+    """``http+unix://<url-encoded path>`` as JupyterHub and the npm proxy understand it."""
+    return "http+unix://" + quote(str(path), safe="")
+
+
+def hub_paths(home: MedZoneHome) -> HubPaths:
+    return HubPaths(home)
+
+
+def prepare_state(home: MedZoneHome) -> HubPaths:
+    """Create the hub's directories and secrets with their modes; idempotent."""
+    home.ensure()
+    paths = HubPaths(home)
+    paths.state_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(paths.state_dir, 0o700)
+    for d in (paths.run_dir, paths.hub_socket_dir):
+        d.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)
+    if len(str(paths.proxy_api_socket).encode()) > MAX_SOCKET_PATH:
+        raise InvalidInput(f"MEDZONE_HOME {home.root} is too long for unix sockets: "
+                           "use a shorter path")
+    if not paths.proxy_token.exists():
+        _write_secret(paths.proxy_token, secrets.token_hex(32))
+    if not paths.cookie_secret.exists():
+        # JupyterHub reads the file as hex.
+        _write_secret(paths.cookie_secret, secrets.token_hex(32))
+    for f in (paths.proxy_token, paths.cookie_secret, paths.db_path):
+        if f.exists():
+            os.chmod(f, 0o600)
+    return paths
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def read_secret(path: Path) -> str:
+    return path.read_text().strip()
+
+
+# --- the proxy -------------------------------------------------------------------------
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def proxy_command() -> list[str]:
+    """The project's local npm ``configurable-http-proxy`` (never a global one)."""
+    override = os.environ.get("MEDZONE_PROXY_COMMAND")
+    if override:
+        return override.split()
+    exe = repo_root() / "node_modules" / ".bin" / "configurable-http-proxy"
+    if not exe.exists():
+        raise MedZoneError(
+            f"configurable-http-proxy is not installed at {exe}: run `npm ci` in {repo_root()}"
+        )
+    return [str(exe)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"configurable-http-proxy" in cmdline
+
+
+def proxy_pid(home: MedZoneHome) -> int | None:
+    """The pid of this home's running proxy, or None."""
+    paths = HubPaths(home)
+    try:
+        pid = int(paths.proxy_pid.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _listening(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_proxy(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PORT,
+                 timeout: float = 20) -> int:
+    """Start this home's proxy on *ip*:*port* unless it already runs there; its pid.
+
+    The proxy runs in its own session (Ctrl-C on ``medzone hub`` does not reach it) and
+    forwards everything without a route to the hub's unix socket.
+    """
+    paths = prepare_state(home)
+    pid = proxy_pid(home)
+    if pid is not None:
+        try:
+            info = json.loads(paths.proxy_info.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if info.get("ip") == ip and info.get("port") == port:
+            return pid
+        raise Conflict(
+            f"this home's proxy already runs (pid {pid}) on {info.get('ip')}:{info.get('port')}; "
+            f"stop it first (medzone_hub.hubapp.stop_proxy) to use {ip}:{port}"
+        )
+    if _listening(ip, port):
+        raise Conflict(f"{ip}:{port} is already in use by another program")
+    try:
+        paths.proxy_api_socket.unlink()
+    except FileNotFoundError:
+        pass
+    env = dict(os.environ)
+    env["CONFIGPROXY_AUTH_TOKEN"] = read_secret(paths.proxy_token)
+    cmd = proxy_command() + [
+        "--ip", ip,
+        "--port", str(port),
+        "--api-socket", str(paths.proxy_api_socket),
+        "--default-target", paths.hub_url,
+        "--error-target", paths.hub_url + "/hub/error",
+        "--log-level", "warn",
+    ]
+    log = open(paths.proxy_log, "ab")
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(paths.state_dir), umask=0o077)
+    finally:
+        log.close()
+    paths.proxy_pid.write_text(f"{proc.pid}\n")
+    paths.proxy_info.write_text(json.dumps({"ip": ip, "port": port}) + "\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MedZoneError(
+                f"configurable-http-proxy exited with status {proc.returncode}; "
+                f"see {paths.proxy_log}"
+            )
+        if paths.proxy_api_socket.exists() and _listening(ip, port):
+            return proc.pid
+        time.sleep(0.05)
+    proc.kill()
+    raise MedZoneError(f"configurable-http-proxy did not start within {timeout:g} s")
+
+
+def stop_proxy(home: MedZoneHome, timeout: float = 10) -> bool:
+    """Stop this home's proxy; False if none was running."""
+    paths = HubPaths(home)
+    pid = proxy_pid(home)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    for f in (paths.proxy_pid, paths.proxy_info, paths.proxy_api_socket):
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+    return True
+
+
+# --- the hub ---------------------------------------------------------------------------
+
+def hub_env(home: MedZoneHome, *, ip: str, port: int) -> dict[str, str]:
+    """The environment the hub process runs with (what the config file reads)."""
+    env = dict(os.environ)
+    env[ENV_HOME] = str(home.root)
+    env[ENV_HUB_IP] = ip
+    env[ENV_HUB_PORT] = str(port)
+    env["CONFIGPROXY_AUTH_TOKEN"] = read_secret(HubPaths(home).proxy_token)
+    return env
+
+
+def hub_command(config_file: os.PathLike | str | None = None,
+                extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "jupyterhub", "-f", str(config_file or DEFAULT_CONFIG),
+            *extra_args]
+
+
+def start_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PORT,
+              config_file: os.PathLike | str | None = None,
+              extra_args: list[str] | tuple[str, ...] = (),
+              stdout=None, stderr=None) -> subprocess.Popen:
+    """Start the proxy (if needed) and the hub process; the hub's :class:`Popen`."""
+    paths = prepare_state(home)
+    ensure_proxy(home, ip=ip, port=port)
+    return subprocess.Popen(hub_command(config_file, extra_args), env=hub_env(home, ip=ip, port=port),
+                            cwd=str(paths.state_dir), stdout=stdout, stderr=stderr)
+
+
+def run_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PORT,
+            config_file: os.PathLike | str | None = None,
+            extra_args: list[str] | tuple[str, ...] = ()) -> int:
+    """``medzone hub``: run the hub in the foreground until it exits or Ctrl-C; its status.
+
+    Running servers and the proxy are left running when the hub stops, so a restart
+    keeps every server routed.
+    """
+    hub = start_hub(home, ip=ip, port=port, config_file=config_file, extra_args=extra_args)
+    print(f"MedZone hub: http://{ip}:{port}/ (state in {HubPaths(home).state_dir})",
+          file=sys.stderr, flush=True)
+    while True:
+        try:
+            return hub.wait()
+        except KeyboardInterrupt:
+            # The hub got the same SIGINT (same process group) and shuts down cleanly.
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medzone_hub.hubapp",
+                                     description="run the MedZone hub")
+    parser.add_argument("--home", help="MEDZONE_HOME (default: $MEDZONE_HOME or ~/.medzone)")
+    parser.add_argument("--ip", default=DEFAULT_IP)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--config", default=None, help="a JupyterHub config file")
+    parser.add_argument("--stop-proxy", action="store_true", help="stop this home's proxy and exit")
+    args = parser.parse_args(argv)
+    home = resolve_home(args.home)
+    try:
+        if args.stop_proxy:
+            return 0 if stop_proxy(home) else 1
+        return run_hub(home, ip=args.ip, port=args.port, config_file=args.config)
+    except MedZoneError as err:
+        print(f"medzone hub: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""``SafeZoneSpawner``: each person's JupyterLab in a bubblewrap sandbox with exactly their grants.
+
+The sandbox comes from :mod:`medzone_hub.sandbox` — the same policy builder and bubblewrap
+command line as ``medzone sandbox exec`` — so a server, its kernels and ``exec`` see the
+same mounts, uid and namespaces:
+
+* an unprivileged uid per user (``uid_base + user id``, no system account), no
+  capabilities, a new session, its own pid/ipc/uts namespaces, no nested user namespaces;
+* ``/home/<user>`` private and persistent, ``/tmp`` private, ``/data/<id>`` read-only for
+  exactly the user's live grants when the server starts;
+* **no network**: the server listens on a unix socket in the user's home
+  (``~/.medzone/jupyter.sock``), which the proxy reaches from the host as
+  ``http+unix://…``; the hub API is reached through the hub's own unix socket, whose
+  folder is bound read-only at the same path;
+* GPUs and memory/CPU limits as the sandbox policy decides (limits through cgroup v2
+  where the machine allows it; where it does not, the spawn log says so).
+
+Only accounts the MedZone store lists as approved get a server, whichever authenticator
+logged them in.
+
+Servers outlive hub restarts: the sandbox is started under a small keeper shell in its own
+session (bubblewrap's ``--die-with-parent`` then watches the keeper, not the hub), and
+the state JupyterHub persists (:meth:`get_state`) holds the sandbox's pid and socket, so a
+restarted hub polls it and routes to it again. :meth:`stop` kills the sandbox's pid 1,
+which takes down the whole pid namespace, kernels included.
+
+When a grant the server mounted ends (expiry or revocation), the next :meth:`poll`
+(every :attr:`poll_interval` seconds) stops the server and records it in the audit log;
+the next start mounts only what is live then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from jupyterhub.spawner import Spawner
+from tornado import web
+from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
+
+from . import sandbox
+from .config import MedZoneHome, resolve_home
+from .errors import MedZoneError, NotFound, RuleViolation
+from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
+
+#: Where the server's socket lives, relative to the home (a hidden folder).
+SOCKET_DIR = ".medzone"
+SOCKET_NAME = "jupyter.sock"
+#: Secrets for the server, handed over in a 0600 file rather than on the command line
+#: (bubblewrap's ``--setenv`` arguments are visible in the host's process list).
+SECRET_ENV_FILE = "server-env.json"
+SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+
+_stores: dict[str, object] = {}
+_stores_lock = threading.Lock()
+
+
+def _store_for(home: MedZoneHome):
+    """One store (engine) per database URL in this process (connecting migrates: once)."""
+    from .db import connect
+
+    url = home.db_url
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None:
+            store = _stores[url] = connect(url)
+        return store
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """The start time of *pid* (clock ticks since boot), to tell a pid from a reused one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19])
+
+
+def _socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class SafeZoneSpawner(Spawner):
+    """Starts each user's single-user server in a MedZone sandbox (see the module doc)."""
+
+    # --- configuration ------------------------------------------------------------------
+
+    medzone_home = Unicode(
+        "",
+        config=True,
+        help="MEDZONE_HOME (store, datasets, homes). Default: $MEDZONE_HOME or ~/.medzone.",
+    )
+    uid_base = Integer(
+        200000,
+        config=True,
+        help="Sandbox uid/gid is uid_base + the user's id in MedZone's store. Pick a range "
+             "no host account uses.",
+    )
+    gpu_enabled = Bool(
+        True, config=True,
+        help="Pass NVIDIA GPUs (/dev/nvidia*) through to sandboxes whose user may have one.",
+    )
+    allow_gpu_role = Unicode(
+        "gpu", allow_none=True, config=True,
+        help="Only users with this role in MedZone's store get a GPU; None: every user.",
+    )
+    gpu_sessions_per_gpu = Integer(
+        1, config=True,
+        help="How many servers may share one GPU; when all are full, a spawn that would get "
+             "a GPU fails with a clear message.",
+    )
+    cgroup_parent = Unicode(
+        "", config=True,
+        help="A delegated cgroup v2 folder to create sandbox cgroups in for mem_limit and "
+             "cpu_limit (default: <cgroup2 mount>/medzone). Where limits cannot be applied, "
+             "the spawn log says why and the server runs without them.",
+    )
+    extra_ro_binds = List(
+        Tuple(Unicode(), Unicode()), config=True,
+        help="(host path, path inside) pairs every sandbox also gets, read-only. Paths that "
+             "contain MEDZONE_HOME are refused.",
+    )
+    python_prefix = Unicode(
+        "", config=True,
+        help="The Python environment servers and kernels run from, bound read-only "
+             "(default: the hub's own sys.prefix). It must hold jupyterhub, jupyterlab, "
+             "ipykernel, medzone_kernel, torch, MONAI and pydicom.",
+    )
+    terminals = Bool(
+        False, config=True,
+        help="Offer terminals in JupyterLab. Off by default: a terminal is a direct line to "
+             "the browser, and results are meant to leave only through the export airlock.",
+    )
+    stop_on_grant_end = Bool(
+        True, config=True,
+        help="At each poll, stop the server if a dataset it mounted is no longer granted "
+             "(expired or revoked); audited as sandbox.stop.",
+    )
+    connect_timeout = Float(
+        0.05, config=True,
+        help="Seconds between checks of the server's socket while start() waits for it.",
+    )
+
+    @default("poll_interval")
+    def _poll_interval_default(self):
+        # A grant that ends stops the server within poll_interval (+ jitter): well under 60 s.
+        return 15
+
+    @default("disable_user_config")
+    def _disable_user_config_default(self):
+        # ~/.jupyter config could switch the download channels back on.
+        return True
+
+    @default("cmd")
+    def _cmd_default(self):
+        return ["python", "-m", "medzone_hub.singleuser"]
+
+    # --- state ----------------------------------------------------------------------------
+
+    child_pid = Integer(None, allow_none=True, help="Host pid of the sandbox's pid 1.")
+    child_start = Integer(None, allow_none=True)
+    keeper_pid = Integer(None, allow_none=True)
+    socket_path = Unicode("", help="Host path of the server's unix socket.")
+    mounted = List(Unicode(), help="Dataset ids mounted at start.")
+    gpu_key = Unicode("")
+    gpu_registry = Unicode("")
+    cgroup = Unicode("")
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.child_pid = state.get("child_pid")
+        self.child_start = state.get("child_start")
+        self.keeper_pid = state.get("keeper_pid")
+        self.socket_path = state.get("socket_path", "")
+        self.mounted = state.get("mounted", [])
+        self.gpu_key = state.get("gpu_key", "")
+        self.gpu_registry = state.get("gpu_registry", "")
+        self.cgroup = state.get("cgroup", "")
+
+    def get_state(self):
+        state = super().get_state()
+        if self.child_pid:
+            state.update(
+                child_pid=self.child_pid,
+                child_start=self.child_start,
+                keeper_pid=self.keeper_pid,
+                socket_path=self.socket_path,
+                mounted=list(self.mounted),
+                gpu_key=self.gpu_key,
+                gpu_registry=self.gpu_registry,
+                cgroup=self.cgroup,
+            )
+        return state
+
+    def clear_state(self):
+        super().clear_state()
+        self.child_pid = None
+        self.child_start = None
+        self.keeper_pid = None
+        self.socket_path = ""
+        self.mounted = []
+        self.gpu_key = ""
+        self.gpu_registry = ""
+        self.cgroup = ""
+
+    # The route must point at the socket, not at "<socket>:80" (what JupyterHub records
+    # from an http+unix URL): connect_url is not persisted, so derive it from the state.
+    @property
+    def server(self):
+        server = Spawner.server.fget(self)
+        if server is not None and self.socket_path and not server.connect_url:
+            server.connect_url = unix_url(self.socket_path)
+        return server
+
+    @server.setter
+    def server(self, server):
+        Spawner.server.fset(self, server)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @property
+    def home(self) -> MedZoneHome:
+        return resolve_home(self.medzone_home or None)
+
+    def sandbox_config(self) -> sandbox.SandboxConfig:
+        return sandbox.SandboxConfig(
+            uid_base=self.uid_base,
+            gpu_enabled=self.gpu_enabled,
+            allow_gpu_role=self.allow_gpu_role,
+            gpu_sessions_per_gpu=self.gpu_sessions_per_gpu,
+            memory_limit_bytes=self.mem_limit or None,
+            cpu_limit=self.cpu_limit or None,
+            cgroup_parent=self.cgroup_parent or None,
+            extra_ro_binds=[tuple(b) for b in self.extra_ro_binds],
+            python_prefix=self.python_prefix or None,
+        )
+
+    def _audit(self, action: str, detail: dict) -> None:
+        from . import audit
+
+        with _store_for(self.home).session() as session:
+            audit.append(session, actor="hub", action=action, subject=f"user:{self.user.name}",
+                         detail=detail)
+
+    def _alive(self) -> bool:
+        if not self.child_pid:
+            return False
+        start = _proc_start_time(self.child_pid)
+        return start is not None and (self.child_start is None or start == self.child_start)
+
+    # --- start ----------------------------------------------------------------------------
+
+    def _prepare(self):
+        """Build the policy and the host-side folders (runs in a thread: it uses the store)."""
+        home = self.home
+        config = self.sandbox_config()
+        key = f"hub:{self.user.name}:{self.name or ''}"
+        with _store_for(home).session() as session:
+            policy = sandbox.build_policy(home, session, self.user.name, config=config,
+                                          gpu_key=key)
+        sandbox.ensure_home(home, policy)
+        sock_dir = policy.home_host / SOCKET_DIR
+        if sock_dir.is_symlink() or (sock_dir.exists() and not sock_dir.is_dir()):
+            sock_dir.unlink()
+        sock_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(sock_dir, policy.host_uid, policy.host_gid)
+        os.chmod(sock_dir, 0o700)
+        host_sock = sock_dir / SOCKET_NAME
+        if len(str(host_sock).encode()) > MAX_SOCKET_PATH:
+            raise MedZoneError(f"socket path {host_sock} is too long for a unix socket: "
+                               "use a shorter MEDZONE_HOME")
+        for stale in (host_sock, sock_dir / SECRET_ENV_FILE):
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+        limits = None
+        if policy.memory_limit_bytes is not None or policy.cpu_limit is not None:
+            limits = sandbox.cgroup_limits_unavailable_reason(
+                sandbox.SandboxConfig(cgroup_parent=policy.cgroup_parent))
+        return home, policy, host_sock, limits
+
+    def _cgroup_for(self, policy) -> Path | None:
+        if policy.memory_limit_bytes is None and policy.cpu_limit is None:
+            return None
+        mount = sandbox._cgroup2_mount()
+        parent = policy.cgroup_parent or os.path.join(mount, "medzone")
+        try:
+            return sandbox.create_cgroup(parent, f"{policy.user}-{os.urandom(4).hex()}",
+                                         memory_limit_bytes=policy.memory_limit_bytes,
+                                         cpu_limit=policy.cpu_limit, mount=mount)
+        except sandbox.SandboxError as err:
+            self.log.warning("%s: %s", self._log_name, err)
+            return None
+
+    def _write_secrets(self, policy, sock_dir: Path, env: dict) -> dict:
+        secrets_env = {k: env.pop(k) for k in SECRET_ENV_KEYS if k in env}
+        path = sock_dir / SECRET_ENV_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secrets_env, f)
+        os.chown(path, policy.host_uid, policy.host_gid)
+        return env
+
+    async def start(self):
+        t0 = time.monotonic()
+        try:
+            home, policy, host_sock, limits = await asyncio.to_thread(self._prepare)
+        except (NotFound, RuleViolation) as err:
+            self.log.warning("refusing a server for %s: %s", self.user.name, err)
+            raise web.HTTPError(403, str(err)) from None
+        except MedZoneError as err:
+            raise web.HTTPError(500, str(err)) from None
+
+        for note in policy.notes:
+            self.log.warning("%s: %s", self._log_name, note)
+        if policy.memory_limit_bytes is None and policy.cpu_limit is None:
+            self.log.info("%s: no memory/CPU limits configured (mem_limit, cpu_limit)",
+                          self._log_name)
+        elif limits:
+            self.log.warning("%s: %s", self._log_name, limits)
+        if policy.gpu:
+            self.log.info("%s: GPU %s (CUDA_VISIBLE_DEVICES=%s)", self._log_name,
+                          policy.gpu.path, policy.gpu.cuda_id)
+
+        inside_sock = f"{policy.home_inside}/{SOCKET_DIR}/{SOCKET_NAME}"
+        env = self.get_env()
+        env.update({
+            # No port: jupyter_server refuses a port together with a socket.
+            "JUPYTERHUB_SERVICE_URL": unix_url(inside_sock) + self.server.base_url,
+            "JUPYTERHUB_ROOT_DIR": policy.home_inside,
+            "MEDZONE_SERVER_SOCKET": inside_sock,
+            "MEDZONE_SECRET_ENV": f"{policy.home_inside}/{SOCKET_DIR}/{SECRET_ENV_FILE}",
+            "MEDZONE_TERMINALS": "1" if self.terminals else "0",
+        })
+        for name in ("HOME", "USER", "LOGNAME", "PATH", "SHELL", "LANG"):
+            env.pop(name, None)  # the policy sets these
+        env = self._write_secrets(policy, host_sock.parent, env)
+
+        paths = HubPaths(home)
+        hub_dir = str(paths.hub_socket_dir)
+        cgroup = None if limits else self._cgroup_for(policy)
+        cmd = [*self.cmd, *self.get_args()]
+        if cmd[0] == "python":
+            cmd[0] = os.path.join(self.python_prefix or sys.prefix, "bin", "python")
+        read_end, write_end = os.pipe()
+        try:
+            argv = sandbox.bwrap_argv(policy, cmd, info_fd=write_end,
+                                      extra_ro_binds=[(hub_dir, hub_dir)], extra_env=env,
+                                      cgroup=cgroup)
+            sandbox.check_reachable(policy, [(hub_dir, hub_dir)])
+            # The keeper shell stays the sandbox monitor's parent when the hub restarts
+            # (bubblewrap's --die-with-parent would otherwise end the server with the hub).
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", '"$@"', "medzone-sandbox", *argv,
+                pass_fds=(write_end,), env={}, start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            os.close(read_end)
+            sandbox.release_resources(policy, cgroup)
+            raise
+        finally:
+            os.close(write_end)
+        try:
+            child = await asyncio.wait_for(
+                asyncio.to_thread(sandbox.read_info_fd, read_end), 30)
+        except (sandbox.SandboxError, asyncio.TimeoutError):
+            proc.kill()
+            rc = await proc.wait()
+            sandbox.release_resources(policy, cgroup)
+            raise web.HTTPError(500, f"the sandbox for {self.user.name} did not start "
+                                     f"(exit status {rc})") from None
+        if policy.gpu_key and policy.gpu_registry:
+            sandbox.GpuRegistry(policy.gpu_registry).set_owner(policy.gpu_key, proc.pid)
+
+        self._proc = proc
+        self._policy = policy
+        self.child_pid = child
+        self.child_start = _proc_start_time(child)
+        self.keeper_pid = proc.pid
+        self.socket_path = str(host_sock)
+        self.mounted = sorted(policy.datasets)
+        self.gpu_key = policy.gpu_key or ""
+        self.gpu_registry = str(policy.gpu_registry or "")
+        self.cgroup = str(cgroup or "")
+
+        # Wait until the server's socket answers (not only exists): the hub then finds it
+        # up at once instead of backing off.
+        while not _socket_answers(str(host_sock)):
+            if proc.returncode is not None or not self._alive():
+                await self._cleanup()
+                raise web.HTTPError(500, f"the server for {self.user.name} exited while "
+                                         "starting; see the hub log")
+            await asyncio.sleep(self.connect_timeout)
+        url = unix_url(host_sock)
+        self.server.connect_url = url
+        self.log.info("%s: sandbox uid %s, pid %s, datasets %s, up in %.2f s",
+                      self._log_name, policy.uid, child, self.mounted or "none",
+                      time.monotonic() - t0)
+        await asyncio.to_thread(self._audit, "sandbox.start", {
+            "server": self.name or "", "uid": policy.uid, "datasets": list(self.mounted),
+            "gpu": policy.gpu.path if policy.gpu else None,
+        })
+        return url
+
+    # --- poll / stop --------------------------------------------------------------------
+
+    def _grants_ended(self) -> list[str]:
+        """Datasets mounted at start that are no longer live grants (expiry recorded)."""
+        from . import access
+
+        with _store_for(self.home).session() as session:
+            access.expire_due(session)
+            live = set(access.live_grants(session, self.user.name))
+        return sorted(set(self.mounted) - live)
+
+    async def poll(self):
+        if not self.child_pid:
+            return 0
+        if not self._alive():
+            return 0
+        if self.stop_on_grant_end and self.mounted:
+            try:
+                ended = await asyncio.to_thread(self._grants_ended)
+            except Exception:
+                self.log.exception("%s: could not check grants", self._log_name)
+                ended = []
+            if ended:
+                self.log.warning("%s: grant ended for %s: stopping the server",
+                                 self._log_name, ", ".join(ended))
+                await self._kill()
+                await asyncio.to_thread(self._audit, "sandbox.stop", {
+                    "server": self.name or "", "reason": "grant ended", "datasets": ended})
+                await self._cleanup()
+                return 1
+        return None
+
+    async def _kill(self, timeout: float = 10) -> None:
+        if not self._alive():
+            return
+        sandbox.kill_sandbox(self.child_pid)
+        deadline = time.monotonic() + timeout
+        while self._alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _cleanup(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+            self._proc = None
+        if self.gpu_key and self.gpu_registry:
+            sandbox.GpuRegistry(self.gpu_registry).release(self.gpu_key)
+        sandbox.remove_cgroup(self.cgroup or None)
+        if self.socket_path:
+            for f in (Path(self.socket_path), Path(self.socket_path).with_name(SECRET_ENV_FILE)):
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+
+    async def stop(self, now=False):
+        was_running = self._alive()
+        await self._kill()
+        await self._cleanup()
+        if was_running:
+            await asyncio.to_thread(self._audit, "sandbox.stop",
+                                    {"server": self.name or "", "reason": "stopped"})
+        self.child_pid = None

@@ -1,0 +1,522 @@
+"""The hub end to end: real JupyterHub 6, the real npm proxy, real bubblewrap sandboxes.
+
+One hub per test worker (module fixture) on a free 127.0.0.1 port, its MEDZONE_HOME in a
+0755 folder under /tmp (sandbox uids must traverse it). All traffic goes to loopback.
+Each test uses its own user, so the tests do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+pytest.importorskip("nativeauthenticator")
+websocket = pytest.importorskip("websocket")
+
+from medzone_hub import access, accounts, registry  # noqa: E402
+from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.config import MedZoneHome  # noqa: E402
+from medzone_hub.db import connect  # noqa: E402
+from medzone_hub.hubapp import proxy_command, proxy_pid, start_hub, stop_proxy  # noqa: E402
+from medzone_hub.models import AuditEvent  # noqa: E402
+
+if shutil.which("bwrap") is None:
+    pytest.skip("bubblewrap is not installed", allow_module_level=True)
+try:
+    proxy_command()
+except Exception as err:  # noqa: BLE001
+    pytest.fail(f"{err}", pytrace=False)
+
+DATASET = "demo-ct"
+OTHER_DATASET = "other-ct"
+SECRET_TEXT = "granted data for the kernel\n"
+PASSWORD = "a-long-test-password-7"
+#: How often the test hub polls servers (the default is 15 s; the property is the same).
+POLL_INTERVAL = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hub:
+    def __init__(self, base: Path):
+        self.base = base
+        self.home = MedZoneHome(base / "home").ensure()
+        self.store = connect(self.home.db_url)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = secrets.token_hex(24)
+        self.uid_base = 300000 + secrets.randbelow(500) * 1000
+        self.config = base / "test_jupyterhub_config.py"
+        self.config.write_text(
+            "from medzone_hub.hubapp import DEFAULT_CONFIG\n"
+            "load_subconfig(str(DEFAULT_CONFIG))\n"
+            f"c.JupyterHub.services = [{{'name': 'test-admin', 'api_token': {self.token!r}}}]\n"
+            "c.JupyterHub.load_roles = [{'name': 'test-admin', 'services': ['test-admin'],\n"
+            "    'scopes': ['admin:users', 'admin:servers', 'admin:server_state', 'tokens',\n"
+            "               'access:servers', 'read:users', 'proxy']}]\n"
+            f"c.SafeZoneSpawner.uid_base = {self.uid_base}\n"
+            f"c.SafeZoneSpawner.poll_interval = {POLL_INTERVAL}\n"
+            "c.SafeZoneSpawner.poll_jitter = 0\n"
+        )
+        self.log_path = base / "hub.log"
+        self.proc: subprocess.Popen | None = None
+
+    # processes ----------------------------------------------------------------------
+
+    def start(self):
+        log = open(self.log_path, "ab")
+        self.proc = start_hub(self.home, port=self.port, config_file=self.config,
+                              stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"hub exited:\n{self.log()}"
+            try:
+                if requests.get(self.url + "/hub/api/", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"hub did not come up:\n{self.log()}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    # API ----------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"token {self.token}", **kwargs.pop("headers", {})}
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers,
+                                timeout=60, **kwargs)
+
+    def add_store_user(self, name: str, *, approved=True, admin=False, grant=(DATASET,)):
+        with self.store.session() as session:
+            accounts.add_user(session, name, approved=approved, admin=admin, actor="test")
+        if grant:
+            with self.store.session() as session:
+                app_id = access.apply(session, user=name, dataset_ids=list(grant),
+                                      purpose="hub test").id
+            with self.store.session() as session:
+                access.approve(session, app_id, reviewer="steward")
+            return app_id
+        return None
+
+    def spawn(self, name: str) -> requests.Response:
+        self.api("POST", f"/users/{name}")
+        r = self.api("POST", f"/users/{name}/server")
+        if r.status_code == 202:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                model = self.api("GET", f"/users/{name}").json()
+                if model["servers"].get("", {}).get("ready"):
+                    break
+                time.sleep(0.2)
+        return r
+
+    def server_state(self, name: str) -> dict:
+        model = self.api("GET", f"/users/{name}").json()
+        server = model["servers"].get("")
+        return server.get("state", {}) if server else {}
+
+    def user_token(self, name: str) -> str:
+        r = self.api("POST", f"/users/{name}/tokens", json={"note": "test"})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    def user_api(self, name: str, token: str, method: str, path: str, **kw):
+        headers = {"Authorization": f"token {token}", **kw.pop("headers", {})}
+        return requests.request(method, f"{self.url}/user/{name}{path}", headers=headers,
+                                timeout=60, allow_redirects=False, **kw)
+
+    def audit(self, action: str) -> list[AuditEvent]:
+        from sqlalchemy import select
+
+        with self.store.session() as session:
+            return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+    def user_uid(self, name: str) -> int:
+        with self.store.session() as session:
+            return self.uid_base + accounts.get_user(session, name).id
+
+
+def _processes_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}")
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                pids.append(int(entry))
+    return pids
+
+
+def _wait_for(predicate, timeout: float, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    base = Path(tempfile.mkdtemp(prefix="mzhub-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    h = Hub(base)
+    for dataset_id, text in ((DATASET, SECRET_TEXT), (OTHER_DATASET, "not granted\n")):
+        data = h.home.dataset_dir(dataset_id) / "data"
+        data.mkdir(parents=True)
+        (data / "readme.txt").write_text(text)
+        for p in (h.home.datasets_dir, h.home.dataset_dir(dataset_id), data):
+            os.chmod(p, 0o755)
+        with h.store.session() as session:
+            registry.register_dataset(
+                session, dataset_id=dataset_id, title=dataset_id, manifest_sha256="0" * 64,
+                deidentified=True, n_files=1, n_bytes=len(text), n_patients=1,
+                modalities=["CT"], actor="test")
+    with h.store.session() as session:
+        accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
+    try:
+        h.start()
+        yield h
+    finally:
+        try:
+            if h.proc is not None and h.proc.poll() is None:
+                for name in [u["name"] for u in h.api("GET", "/users").json()]:
+                    h.api("DELETE", f"/users/{name}/server")
+        except Exception:  # noqa: BLE001
+            pass
+        h.stop()
+        stop_proxy(h.home)
+        for uid in range(h.uid_base, h.uid_base + 50):
+            for pid in _processes_of_uid(uid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        h.store.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_code(hub: Hub, name: str, token: str, code: str, timeout: float = 120) -> str:
+    """Start a kernel through the proxy, run *code*, return its stdout (and stop it)."""
+    r = hub.user_api(name, token, "POST", "/api/kernels", json={})
+    assert r.status_code == 201, r.text
+    kernel = r.json()
+    assert kernel["name"] == "medzone"
+    ws_url = f"ws://127.0.0.1:{hub.port}/user/{name}/api/kernels/{kernel['id']}/channels"
+    ws = websocket.create_connection(ws_url, header=[f"Authorization: token {token}"],
+                                     timeout=timeout)
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "username": name, "session": uuid.uuid4().hex,
+                       "msg_type": "execute_request", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False},
+        }))
+        out, errors = [], []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                errors.append("\n".join(msg["content"]["traceback"]))
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert not errors, errors
+        return "".join(out)
+    finally:
+        ws.close()
+        hub.user_api(name, token, "DELETE", f"/api/kernels/{kernel['id']}")
+
+
+# --- end to end ----------------------------------------------------------------------
+
+def test_approved_user_spawns_through_proxy_and_kernel_reads_granted_data(hub):
+    hub.add_store_user("alice")
+    t0 = time.monotonic()
+    r = hub.spawn("alice")
+    assert r.status_code in (201, 202), r.text
+    token = hub.user_token("alice")
+    status = hub.user_api("alice", token, "GET", "/api/status")
+    spawn_s = time.monotonic() - t0
+    assert status.status_code == 200, hub.log()
+    print(f"spawn latency (REST request -> proxied server answers): {spawn_s:.2f} s")
+
+    specs = hub.user_api("alice", token, "GET", "/api/kernelspecs").json()
+    assert specs["default"] == "medzone"
+    assert set(specs["kernelspecs"]) == {"medzone"}
+    assert specs["kernelspecs"]["medzone"]["spec"]["display_name"] == "MedZone (Python 3)"
+
+    out = _run_code(hub, "alice", token, (
+        "import os, socket\n"
+        f"print(repr(open('/data/{DATASET}/readme.txt').read()))\n"
+        "print(sorted(os.listdir('/data')))\n"
+        "print(os.getuid())\n"
+        "import medzone_kernel, torch, monai, pydicom\n"
+        "print('imports ok')\n"
+    ))
+    lines = out.splitlines()
+    assert lines[0] == repr(SECRET_TEXT)
+    assert lines[1] == repr([DATASET])  # exactly the live grant: not other-ct
+    assert int(lines[2]) == hub.user_uid("alice")
+    assert lines[3] == "imports ok"
+
+    starts = [e for e in hub.audit("sandbox.start") if e.subject == "user:alice"]
+    assert starts and starts[-1].detail["datasets"] == [DATASET]
+
+
+def test_unapproved_or_unknown_account_gets_no_server(hub):
+    hub.add_store_user("bob", approved=False, grant=())
+    for name in ("bob", "nobody-in-store"):
+        r = hub.spawn(name)
+        assert r.status_code >= 400, r.text
+        model = hub.api("GET", f"/users/{name}").json()
+        assert model["servers"] == {}, model
+        assert not (hub.home.root / "homes" / name).exists()
+    assert "refusing a server for bob" in hub.log()
+
+
+def test_hub_restart_keeps_server_routed_and_stop_tears_down_sandbox(hub):
+    hub.add_store_user("carol")
+    assert hub.spawn("carol").status_code in (201, 202)
+    token = hub.user_token("carol")
+    state = hub.server_state("carol")
+    child = state["child_pid"]
+    uid = hub.user_uid("carol")
+    assert _processes_of_uid(uid)
+    proxy = proxy_pid(hub.home)
+
+    hub.stop()
+    # The server (and the proxy) keep running while the hub is down.
+    time.sleep(1)
+    assert Path(f"/proc/{child}").exists()
+    assert proxy_pid(hub.home) == proxy
+    hub.start()
+    assert proxy_pid(hub.home) == proxy
+    r = hub.user_api("carol", token, "GET", "/api/status")
+    assert r.status_code == 200, hub.log()
+    assert hub.server_state("carol")["child_pid"] == child
+    # The hub re-checked the route it found: still the socket, not "<socket>:80".
+    routes = requests.get(f"{hub.url}/hub/api/proxy", headers={
+        "Authorization": f"token {hub.token}"}, timeout=10)
+    assert routes.status_code == 200, routes.text
+    target = routes.json()["/user/carol/"]["target"]
+    assert target.startswith("http+unix://") and not target.endswith(":80"), target
+
+    # A kernel is part of the sandbox; stop takes it down too.
+    kernel = hub.user_api("carol", token, "POST", "/api/kernels", json={}).json()
+    assert _wait_for(lambda: len(_processes_of_uid(uid)) >= 3, 30)
+    r = hub.api("DELETE", "/users/carol/server")
+    assert r.status_code in (202, 204), r.text
+    assert _wait_for(lambda: not _processes_of_uid(uid), 15), _processes_of_uid(uid)
+    assert not Path(f"/proc/{child}").exists()
+    assert hub.api("GET", "/users/carol").json()["servers"] == {}
+    assert kernel["id"]
+    assert any(e.detail.get("reason") == "stopped"
+               for e in hub.audit("sandbox.stop") if e.subject == "user:carol")
+
+
+# --- download channels ---------------------------------------------------------------
+
+def test_download_channels_are_closed(hub):
+    import pydicom.data
+
+    hub.add_store_user("erin")
+    assert hub.spawn("erin").status_code in (201, 202)
+    token = hub.user_token("erin")
+    home = hub.home.root / "homes" / "erin"
+    uid = hub.user_uid("erin")
+    files = {
+        "scan.dcm": Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes(),
+        "figure.png": b"\x89PNG\r\n\x1a\n" + os.urandom(256),
+        "notes.txt": b"plain text notes\n",
+        "big.txt": b"x" * (6 * 1024 * 1024),
+        "analysis.ipynb": json.dumps({
+            "cells": [{"cell_type": "markdown", "metadata": {}, "source": "hello"}],
+            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}).encode(),
+    }
+    for name, data in files.items():
+        (home / name).write_bytes(data)
+        os.chown(home / name, uid, uid)
+
+    def get(path, **kw):
+        return hub.user_api("erin", token, "GET", path, **kw)
+
+    # What still works: a notebook and a small text file open through the contents API.
+    nb = get("/api/contents/analysis.ipynb")
+    assert nb.status_code == 200 and nb.json()["type"] == "notebook"
+    txt = get("/api/contents/notes.txt")
+    assert txt.status_code == 200 and txt.json()["content"] == "plain text notes\n"
+    assert get("/api/contents/scan.dcm?content=0").status_code == 200  # listing is fine
+
+    # What is refused.
+    for path in ("/files/scan.dcm", "/files/notes.txt", "/files/analysis.ipynb",
+                 "/files/figure.png?download=1", "/view/figure.png",
+                 "/nbconvert/html/analysis.ipynb?download=true",
+                 "/nbconvert/script/analysis.ipynb",
+                 "/api/contents/scan.dcm", "/api/contents/figure.png",
+                 "/api/contents/scan.dcm?type=file&format=base64",
+                 "/api/contents/notes.txt?format=base64",
+                 "/api/contents/big.txt"):
+        r = get(path)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert files["scan.dcm"][128:200] not in r.content
+
+    # JupyterLab does not offer the download/export commands.
+    lab = get("/lab")
+    assert lab.status_code == 200
+    config = json.loads(re.search(
+        r'<script id="jupyter-config-data" type="application/json">(.*?)</script>',
+        lab.text, re.S).group(1))
+    disabled = set(config["disabledExtensions"])
+    assert {"@jupyterlab/docmanager-extension:download",
+            "@jupyterlab/filebrowser-extension:download",
+            "@jupyterlab/notebook-extension:export"} <= disabled
+    assert config["terminalsAvailable"] is False
+
+    hub.api("DELETE", "/users/erin/server")
+
+
+# --- grants reach running servers ----------------------------------------------------
+
+def test_revoked_grant_stops_running_server_and_next_spawn_does_not_mount_it(hub):
+    app_id = hub.add_store_user("frank")
+    assert hub.spawn("frank").status_code in (201, 202)
+    assert hub.server_state("frank")["mounted"] == [DATASET]
+    with hub.store.session() as session:
+        access.revoke(session, app_id, actor="steward", reason="test")
+    t0 = time.monotonic()
+    stopped = _wait_for(lambda: hub.api("GET", "/users/frank").json()["servers"] == {}, 60)
+    assert stopped, hub.log()
+    print(f"server stopped {time.monotonic() - t0:.1f} s after the revocation")
+    ended = [e for e in hub.audit("sandbox.stop")
+             if e.subject == "user:frank" and e.detail.get("reason") == "grant ended"]
+    assert ended and ended[0].detail["datasets"] == [DATASET]
+    assert _wait_for(lambda: not _processes_of_uid(hub.user_uid("frank")), 15)
+
+    # The next spawn mounts what is live now: nothing.
+    assert hub.spawn("frank").status_code in (201, 202)
+    assert hub.server_state("frank")["mounted"] == []
+    token = hub.user_token("frank")
+    assert _run_code(hub, "frank", token, "import os; print(os.listdir('/data'))").strip() == "[]"
+    hub.api("DELETE", "/users/frank/server")
+
+
+# --- accounts: sign-up, approval as a POST with XSRF, login --------------------------
+
+def _xsrf_from(html: str) -> str:
+    match = re.search(r'name="_xsrf" value="([^"]+)"', html)
+    assert match, html[:2000]
+    return match.group(1)
+
+
+def _login(hub: Hub, name: str, password: str) -> requests.Session:
+    s = requests.Session()
+    page = s.get(f"{hub.url}/hub/login", timeout=30)
+    r = s.post(f"{hub.url}/hub/login", data={
+        "username": name, "password": password, "_xsrf": _xsrf_from(page.text)},
+        timeout=30, allow_redirects=False)
+    s.login_response = r
+    return s
+
+
+def _store_approved(hub: Hub, name: str) -> bool | None:
+    with hub.store.session() as session:
+        try:
+            return accounts.get_user(session, name).approved
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def test_signup_then_admin_approves_with_post_and_xsrf(hub):
+    # An admin from `medzone user add --admin`, given a password for the hub.
+    with hub.store.session() as session:
+        accounts.add_user(session, "boss", admin=True, actor="test")
+    set_password(hub.home, "boss", PASSWORD, actor="test")
+
+    # Sign-up creates an unapproved account, in the hub and in the store.
+    anon = requests.Session()
+    page = anon.get(f"{hub.url}/hub/signup", timeout=30)
+    r = anon.post(f"{hub.url}/hub/signup", data={
+        "username": "dave", "signup_password": PASSWORD,
+        "signup_password_confirmation": PASSWORD, "_xsrf": _xsrf_from(page.text)}, timeout=30)
+    assert r.status_code == 200 and "sent to the admin" in r.text, r.text[-2000:]
+    assert _store_approved(hub, "dave") is False
+    # A sign-up cannot claim a name the store already has.
+    page = anon.get(f"{hub.url}/hub/signup", timeout=30)
+    anon.post(f"{hub.url}/hub/signup", data={
+        "username": "steward", "signup_password": PASSWORD,
+        "signup_password_confirmation": PASSWORD, "_xsrf": _xsrf_from(page.text)}, timeout=30)
+    with hub.store.session() as session:
+        assert accounts.get_user(session, "steward").approved  # unchanged, no second account
+
+    # Not approved: no login.
+    dave = _login(hub, "dave", PASSWORD)
+    assert dave.login_response.status_code == 200
+    assert "not been approved" in dave.login_response.text
+
+    admin = _login(hub, "boss", PASSWORD)
+    assert admin.login_response.status_code == 302, admin.login_response.text[-2000:]
+
+    # A GET (what an <img src> on any page could trigger) changes nothing.
+    r = admin.get(f"{hub.url}/hub/authorize/dave", timeout=30, allow_redirects=False)
+    assert r.status_code == 405
+    assert _store_approved(hub, "dave") is False
+    # A POST without the XSRF token is refused.
+    r = admin.post(f"{hub.url}/hub/authorize/dave", data={"action": "approve"}, timeout=30,
+                   allow_redirects=False)
+    assert r.status_code == 403
+    assert _store_approved(hub, "dave") is False
+    assert not hub.audit("user.approve")
+
+    # The accounts page posts a form with the token: that approves, in the store too.
+    area = admin.get(f"{hub.url}/hub/authorize", timeout=30)
+    assert area.status_code == 200 and 'action="/hub/authorize/dave"' in area.text
+    r = admin.post(f"{hub.url}/hub/authorize/dave",
+                   data={"action": "approve", "_xsrf": _xsrf_from(area.text)},
+                   timeout=30, allow_redirects=False)
+    assert r.status_code == 302, r.text
+    assert _store_approved(hub, "dave") is True
+    (event,) = [e for e in hub.audit("user.approve") if e.subject == "user:dave"]
+    assert event.actor == "hub:boss"
+
+    dave = _login(hub, "dave", PASSWORD)
+    assert dave.login_response.status_code == 302, dave.login_response.text[-2000:]
