@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml .ci/install
 	bash .ci/install
 	@touch $@
 
+# Sets the zone up, then runs the hub in the foreground (Ctrl-C stops it; servers keep running).
 demo: install
 	bash .ci/demo
+	$(MEDZONE) hub
 
 # The store tests also run against a real PostgreSQL: .ci/postgres starts the local
 # cluster and prints the URL the tests use.

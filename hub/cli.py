@@ -127,6 +127,25 @@ def cmd_user_add(args, home: MedZoneHome) -> int:
     return 0
 
 
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if not sys.stdin.isatty():
+        raise InvalidInput("no terminal to ask for the password: pipe it in with --stdin")
+    first = getpass.getpass("new password: ")
+    if getpass.getpass("again: ") != first:
+        raise InvalidInput("the two passwords differ")
+    return first
+
+
+def cmd_user_password(args, home: MedZoneHome) -> int:
+    from .authenticator import set_password
+
+    set_password(home, args.name, _read_password(args.stdin), actor=args.by or default_actor())
+    print(f"password set for {args.name}")
+    return 0
+
+
 def cmd_user_list(args, home: MedZoneHome) -> int:
     from .accounts import list_users
 
@@ -210,6 +229,28 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
     return 0
 
 
+# --- sandbox ---------------------------------------------------------------------------
+
+def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
+    from .sandbox import run_in_sandbox
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise InvalidInput("name the command to run after --, e.g. medzone sandbox exec "
+                           "--user USER -- python3")
+    return run_in_sandbox(home, _open_store(home), args.user, command)
+
+
+# --- hub -------------------------------------------------------------------------------
+
+def cmd_hub(args, home: MedZoneHome) -> int:
+    from .hubapp import run_hub
+
+    return run_hub(home.ensure(), ip=args.ip, port=args.port, config_file=args.config)
+
+
 # --- audit -----------------------------------------------------------------------------
 
 def cmd_audit_verify(args, home: MedZoneHome) -> int:
@@ -267,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     uadd.add_argument("--role", action="append", help="e.g. data-steward, export-reviewer (repeatable)")
     uadd.add_argument("--by", help="who creates it (recorded in the audit log)")
     uadd.set_defaults(func=cmd_user_add)
+    upw = user.add_parser("password", help="set the hub login password of an approved account")
+    upw.add_argument("name")
+    upw.add_argument("--stdin", action="store_true", help="read it from standard input")
+    upw.add_argument("--by", help="who sets it (recorded in the audit log)")
+    upw.set_defaults(func=cmd_user_password)
     ulist = user.add_parser("list", help="list accounts")
     ulist.add_argument("--json", action="store_true")
     ulist.set_defaults(func=cmd_user_list)
@@ -296,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--user")
     al.add_argument("--json", action="store_true")
     al.set_defaults(func=cmd_access_list)
+
+    sandbox = sub.add_parser("sandbox", help="users' sandboxes").add_subparsers(
+        dest="sandbox_command", required=True, metavar="ACTION")
+    sx = sandbox.add_parser("exec", help="run CMD exactly as inside USER's kernel (same mounts, "
+                            "uid, namespaces, no network); exit status passes through")
+    sx.add_argument("--user", required=True)
+    sx.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    sx.set_defaults(func=cmd_sandbox_exec)
+
+    hub = sub.add_parser("hub", help="run JupyterHub with MedZone's config (foreground)")
+    hub.add_argument("--ip", default="127.0.0.1")
+    hub.add_argument("--port", type=int, default=8000)
+    hub.add_argument("--config", help="a jupyterhub_config.py to use instead of MedZone's")
+    hub.set_defaults(func=cmd_hub)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION")
