@@ -55,6 +55,9 @@ SOCKET_NAME = "jupyter.sock"
 #: Secrets for the server, handed over in a 0600 file rather than on the command line
 #: (bubblewrap's ``--setenv`` arguments are visible in the host's process list).
 SECRET_ENV_FILE = "server-env.json"
+#: Where the hub's socket folder appears inside a sandbox. Not its host path: binding it at
+#: the same path would make MEDZONE_HOME (as empty parent folders) visible inside.
+HUB_SOCKET_DIR_INSIDE = "/run/medzone-hub"
 SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
 
 _stores: dict[str, object] = {}
@@ -340,7 +343,11 @@ class SafeZoneSpawner(Spawner):
                           policy.gpu.path, policy.gpu.cuda_id)
 
         inside_sock = f"{policy.home_inside}/{SOCKET_DIR}/{SOCKET_NAME}"
-        env = self.get_env()
+        paths = HubPaths(home)
+        hub_bind = (str(paths.hub_socket_dir), HUB_SOCKET_DIR_INSIDE)
+        hub_url_inside = unix_url(f"{HUB_SOCKET_DIR_INSIDE}/{paths.hub_socket.name}")
+        env = {name: value.replace(paths.hub_url, hub_url_inside)
+               for name, value in self.get_env().items()}
         env.update({
             # No port: jupyter_server refuses a port together with a socket.
             "JUPYTERHUB_SERVICE_URL": unix_url(inside_sock) + self.server.base_url,
@@ -353,8 +360,6 @@ class SafeZoneSpawner(Spawner):
             env.pop(name, None)  # the policy sets these
         env = self._write_secrets(policy, host_sock.parent, env)
 
-        paths = HubPaths(home)
-        hub_dir = str(paths.hub_socket_dir)
         cgroup = None if limits else self._cgroup_for(policy)
         cmd = [*self.cmd, *self.get_args()]
         if cmd[0] == "python":
@@ -362,9 +367,9 @@ class SafeZoneSpawner(Spawner):
         read_end, write_end = os.pipe()
         try:
             argv = sandbox.bwrap_argv(policy, cmd, info_fd=write_end,
-                                      extra_ro_binds=[(hub_dir, hub_dir)], extra_env=env,
+                                      extra_ro_binds=[hub_bind], extra_env=env,
                                       cgroup=cgroup)
-            sandbox.check_reachable(policy, [(hub_dir, hub_dir)])
+            sandbox.check_reachable(policy, [hub_bind])
             # The keeper shell stays the sandbox monitor's parent when the hub restarts
             # (bubblewrap's --die-with-parent would otherwise end the server with the hub).
             proc = await asyncio.create_subprocess_exec(

@@ -30,7 +30,8 @@ from medzone_hub import access, accounts, registry  # noqa: E402
 from medzone_hub.authenticator import set_password  # noqa: E402
 from medzone_hub.config import MedZoneHome  # noqa: E402
 from medzone_hub.db import connect  # noqa: E402
-from medzone_hub.hubapp import proxy_command, proxy_pid, start_hub, stop_proxy  # noqa: E402
+from medzone_hub.hubapp import HubPaths, proxy_command, proxy_pid, start_hub, stop_proxy  # noqa: E402
+from medzone_hub.sandbox import build_policy, ensure_home  # noqa: E402
 from medzone_hub.models import AuditEvent  # noqa: E402
 
 if shutil.which("bwrap") is None:
@@ -40,6 +41,7 @@ try:
 except Exception as err:  # noqa: BLE001
     pytest.fail(f"{err}", pytrace=False)
 
+PROBE = Path(__file__).with_name("sandbox_probe.py").read_text()
 DATASET = "demo-ct"
 OTHER_DATASET = "other-ct"
 SECRET_TEXT = "granted data for the kernel\n"
@@ -520,3 +522,59 @@ def test_signup_then_admin_approves_with_post_and_xsrf(hub):
 
     dave = _login(hub, "dave", PASSWORD)
     assert dave.login_response.status_code == 302, dave.login_response.text[-2000:]
+
+
+# --- escape suite, as code in a kernel ----------------------------------------------------
+
+def test_escape_attempts_from_a_kernel_all_fail(hub):
+    """The same probe as tests/test_sandbox.py, run as notebook code in a user's kernel."""
+    hub.add_store_user("eve")
+    hub.add_store_user("grace")
+    with hub.store.session() as session:  # grace's home exists on the host, with a file
+        grace_home = ensure_home(hub.home, build_policy(hub.home, session, "grace"))
+    (grace_home / "private.txt").write_text("grace's notes\n")
+    assert hub.spawn("eve").status_code in (201, 202), hub.log()
+    token = hub.user_token("eve")
+    paths = HubPaths(hub.home)
+    with socket.socket() as listener, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.settimeout(0.5)
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(0.5)
+        plan = {
+            "tcp_port": listener.getsockname()[1], "udp_port": udp.getsockname()[1],
+            "udp_token": "escaped", "host_pid": os.getpid(),
+            "paths": [str(hub.home.root), str(hub.home.sqlite_path), str(hub.home.secrets_dir),
+                      str(paths.cookie_secret), str(paths.proxy_token), str(paths.state_dir),
+                      str(hub.home.dataset_dir(OTHER_DATASET)), f"/data/{OTHER_DATASET}",
+                      "/home/grace", str(grace_home), str(grace_home / "private.txt")],
+            "write": [f"/data/{DATASET}/readme.txt", f"/data/{DATASET}/new.txt"],
+            "listdir": ["/data", "/home"],
+        }
+        code = (f"import sys\nsys.argv = ['probe', {json.dumps(plan)!r}]\n"
+                f"__name__ = '__main__'\nexec({PROBE!r})\n")
+        result = json.loads(_run_code(hub, "eve", token, code).strip().splitlines()[-1])
+        proxy_result = json.loads(_run_code(hub, "eve", token, code.replace(
+            str(plan["tcp_port"]), str(hub.port), 1)).strip().splitlines()[-1])
+        with pytest.raises(socket.timeout):
+            listener.accept()
+        with pytest.raises(socket.timeout):
+            udp.recvfrom(64)
+
+    assert result["interfaces"] == ["lo"]
+    assert result["tcp_loopback_inside"] == "ok"  # connecting as such works inside …
+    assert result["tcp_host"] != "ok"              # … but the host's 127.0.0.1 is unreachable
+    assert proxy_result["tcp_host"] != "ok"        # the proxy's port on the host included
+    assert result["uid"] == hub.user_uid("eve") and result["euid"] == result["uid"]
+    assert not any(result["exists"].values()), result["exists"]
+    assert all(v != "ok" for v in result["read"].values())
+    assert all(v != "ok" for v in result["write"].values())
+    assert result["listdir"]["/data"] == [DATASET]
+    assert result["listdir"]["/home"] == ["eve"]
+    assert result["host_pid_visible"] is False
+    assert result["ptrace_host"] != "ok" and result["signal_host"] != "ok"
+    assert len(result["pids"]) < 20
+    assert result["setuid0"] != "ok" and result["unshare_user"] != "ok"
+    assert result["unshare_cmd"]["rc"] != 0 and result["mount"]["rc"] != 0
+    assert result["su"]["rc"] != 0
