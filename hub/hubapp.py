@@ -37,6 +37,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import ENV_HOME, MedZoneHome, resolve_home
+from .processes import pid_alive
 from .errors import Conflict, InvalidInput, MedZoneError
 
 #: Environment the config file reads (set by :func:`run_hub`).
@@ -181,12 +182,9 @@ def proxy_command() -> list[str]:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Alive and still the proxy (a pid file can outlive its process and the pid be reused)."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

@@ -23,6 +23,7 @@ from .config import MedZoneHome
 from .errors import Conflict, IngestRefused, InvalidInput, MedZoneError
 from .deid.dicom import clear_caches as clear_deid_caches
 from .manifest import ManifestBuilder
+from .processes import pid_alive
 
 SUPPORTED = "DICOM files, CSV tables and NIfTI images"
 ENV_KEY_FILE = "MEDZONE_PSEUDONYM_KEY_FILE"
@@ -219,9 +220,9 @@ def _clean_stale_staging(home: MedZoneHome) -> None:
     for entry in home.staging_dir.iterdir():
         try:
             pid = int((entry / ".pid").read_text())
-            os.kill(pid, 0)
-            continue  # still running
         except (OSError, ValueError):
+            pid = None
+        if not pid_alive(pid):
             remove_tree(entry)
 
 
@@ -325,6 +326,7 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
                 remove_tree(final)
             os.rename(stager.root, final)
             published = final
+            (final / ".pid").unlink()
             os.chmod(final, 0o555)
         published = None  # committed: nothing to undo
     except OSError as err:
@@ -460,6 +462,9 @@ class _Staging:
                     f"({len(self.findings)} findings)", self.findings)
         self.index.write(self.root / "index")
         result = self.manifest.write(self.root / "manifest.json")
-        (self.root / ".pid").unlink()
-        _make_read_only(self.root)
+        # Everything but the top folder is sealed now; the top keeps its .pid (so that no
+        # other ingest takes it for stale) until it is in place.
+        _make_read_only(self.data)
+        _make_read_only(self.root / "index")
+        os.chmod(self.root / "manifest.json", 0o444)
         return result

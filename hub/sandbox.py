@@ -44,6 +44,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import MedZoneHome
+from .processes import pid_alive
 from .errors import Conflict, InvalidInput, MedZoneError, RuleViolation
 
 BWRAP = "bwrap"
@@ -521,7 +522,7 @@ class GpuRegistry:
                 entries = json.loads(self.path.read_text()) if self.path.exists() else {}
             except ValueError:
                 entries = {}
-            entries = {k: v for k, v in entries.items() if _alive(v.get("pid"))}
+            entries = {k: v for k, v in entries.items() if pid_alive(v.get("pid"))}
             yield entries
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
@@ -563,18 +564,6 @@ def _count(entries: Mapping[str, dict]) -> dict[int, int]:
     for entry in entries.values():
         counts[entry["gpu"]] = counts.get(entry["gpu"], 0) + 1
     return counts
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- cgroup v2 limits ------------------------------------------------------------------

@@ -300,17 +300,10 @@ class SafeZoneSpawner(Spawner):
         return home, policy, host_sock, limits
 
     def _cgroup_for(self, policy) -> Path | None:
-        if policy.memory_limit_bytes is None and policy.cpu_limit is None:
-            return None
-        mount = sandbox._cgroup2_mount()
-        parent = policy.cgroup_parent or os.path.join(mount, "medzone")
-        try:
-            return sandbox.create_cgroup(parent, f"{policy.user}-{os.urandom(4).hex()}",
-                                         memory_limit_bytes=policy.memory_limit_bytes,
-                                         cpu_limit=policy.cpu_limit, mount=mount)
-        except sandbox.SandboxError as err:
-            self.log.warning("%s: %s", self._log_name, err)
-            return None
+        path, reason = sandbox.sandbox_cgroup(policy)
+        if reason:
+            self.log.warning("%s: %s", self._log_name, reason)
+        return path
 
     def _write_secrets(self, policy, sock_dir: Path, env: dict) -> dict:
         secrets_env = {k: env.pop(k) for k in SECRET_ENV_KEYS if k in env}
