@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_ingest
+from . import bench_ingest, bench_spawn
 
-BENCHMARKS = {"ingest": bench_ingest.run}
+BENCHMARKS = {"ingest": bench_ingest.run, "spawn": bench_spawn.run}
 
 
 def main(argv: list[str]) -> int:
