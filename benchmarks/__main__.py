@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_ingest, bench_spawn
+from . import bench_ingest, bench_spawn, bench_volume
 
-BENCHMARKS = {"ingest": bench_ingest.run, "spawn": bench_spawn.run}
+BENCHMARKS = {"ingest": bench_ingest.run, "spawn": bench_spawn.run, "volume": bench_volume.run}
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,9 @@ Inside a sandbox::
 
     /home/<user>      MEDZONE_HOME/homes/<user>, read-write, owned by the sandbox uid, 0700
     /data/<id>        MEDZONE_HOME/datasets/<id>/data, read-only, one per live grant
+    /run/medzone/manifests/<id>.json
+                      MEDZONE_HOME/datasets/<id>/manifest.json, read-only, one per live grant
+                      (env MEDZONE_MANIFESTS; never the dataset's screening index)
     /tmp              a private tmpfs
     /usr /bin /lib*   the host's, read-only (/etc: a small read-only subset)
     /proc /dev        a new procfs (own pid namespace) and a minimal /dev
@@ -67,6 +70,9 @@ ETC_ENTRIES = (
 
 #: Packages of this project whose source folders an editable install points into.
 PROJECT_PACKAGES = ("medzone_hub", "medzone_kernel")
+
+#: Where each granted dataset's manifest appears inside a sandbox, as ``<id>.json``.
+MANIFESTS_INSIDE = "/run/medzone/manifests"
 
 #: NVIDIA nodes every CUDA process needs besides its GPU's own ``/dev/nvidiaN``.
 NVIDIA_SUPPORT_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
@@ -145,6 +151,8 @@ class SandboxPolicy:
     cpu_limit: float | None = None
     cgroup_parent: str | None = None
     notes: list[str] = field(default_factory=list)  # things the spawner should log
+    # dataset id -> host manifest.json bound at MANIFESTS_INSIDE/<id>.json (granted ones only)
+    manifests: dict[str, Path] = field(default_factory=dict)
 
     @property
     def host_uid(self) -> int:
@@ -201,12 +209,16 @@ def build_policy(
     notes: list[str] = []
 
     datasets: dict[str, Path] = {}
+    manifests: dict[str, Path] = {}
     for dataset_id in live_grants(session, user, now=now):
         data = (home.dataset_dir(dataset_id) / "data").resolve()
         if not data.is_dir() or datasets_root not in data.parents:
             notes.append(f"dataset {dataset_id!r} is granted but its stored copy is missing")
             continue
         datasets[dataset_id] = data
+        manifest = (home.dataset_dir(dataset_id) / "manifest.json").resolve()
+        if manifest.is_file() and datasets_root in manifest.parents:
+            manifests[dataset_id] = manifest
 
     home_inside = f"/home/{user}"
     prefix = config.python_prefix or sys.prefix
@@ -220,6 +232,7 @@ def build_policy(
         "SHELL": "/bin/sh",
         "MEDZONE_USER": user,
         "MEDZONE_DATA": "/data",
+        "MEDZONE_MANIFESTS": MANIFESTS_INSIDE,
     }
     if Path(prefix, "pyvenv.cfg").is_file():
         env["VIRTUAL_ENV"] = prefix
@@ -242,6 +255,7 @@ def build_policy(
         cpu_limit=config.cpu_limit,
         cgroup_parent=config.cgroup_parent,
         notes=notes,
+        manifests=manifests,
     )
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
@@ -315,7 +329,7 @@ def check_binds(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]]
     if policy.zone_root is None:
         return
     zone = str(policy.zone_root)
-    reserved = (policy.home_inside, "/data", "/proc", "/dev")
+    reserved = (policy.home_inside, "/data", MANIFESTS_INSIDE, "/proc", "/dev")
     for source, dest in [*policy.system_ro_binds, *policy.ro_binds, *extra_ro_binds]:
         real = os.path.realpath(source)
         if _under(zone, real) or _under(zone, source):
@@ -381,6 +395,13 @@ def bwrap_argv(
     for dataset_id, source in sorted(policy.datasets.items()):
         argv += ["--ro-bind", str(source), f"/data/{dataset_id}"]
     argv += ["--remount-ro", "/data"]
+    # The granted datasets' manifests (what is in them), the same way: nothing else of
+    # MEDZONE_HOME/datasets/<id>, the screening index least of all.
+    argv += ["--tmpfs", MANIFESTS_INSIDE]
+    for dataset_id, source in sorted(policy.manifests.items()):
+        if dataset_id in policy.datasets:
+            argv += ["--ro-bind", str(source), f"{MANIFESTS_INSIDE}/{dataset_id}.json"]
+    argv += ["--remount-ro", MANIFESTS_INSIDE]
     argv += ["--bind", str(policy.home_host), policy.home_inside]
     for source, dest in [*policy.ro_binds, *extra_ro_binds]:
         argv += ["--ro-bind", str(source), str(dest)]
@@ -434,6 +455,7 @@ def check_reachable(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, s
         return
     sources = [s for s, _ in [*policy.ro_binds, *extra_ro_binds]]
     sources += [str(p) for p in policy.datasets.values()] + [str(policy.home_host)]
+    sources += [str(p) for i, p in policy.manifests.items() if i in policy.datasets]
     for source in sources:
         for folder in [*reversed(Path(source).parents), Path(source)]:
             try:

@@ -3,6 +3,50 @@ training helpers and export requests.
 
 It never imports the hub side's store or spawner: kernel code runs inside the sandbox without
 the database and reaches the hub only through the hub API.
+
+The MONAI glue (``LoadCTVolumed``, ``LoadXRayd``, ``ct_items``, ``xray_items``) is imported on
+first use, so ``import medzone_kernel`` stays quick where torch is not needed.
 """
 
+from .cache import VolumeCache, default_cache
+from .datasets import (
+    Dataset,
+    DatasetError,
+    SeriesRef,
+    granted_datasets,
+    open_dataset,
+)
+from .imaging import (
+    WINDOW_PRESETS,
+    CTVolume,
+    ImagingError,
+    XRayImage,
+    load_ct_volume,
+    load_mask,
+    load_xray,
+    window_hu,
+)
+
 __version__ = "0.1.0"
+
+_LAZY = {"LoadCTVolumed": "transforms", "LoadXRayd": "transforms", "ct_items": "transforms",
+         "xray_items": "transforms"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medzone_kernel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "CTVolume", "Dataset", "DatasetError", "ImagingError", "LoadCTVolumed", "LoadXRayd",
+    "SeriesRef", "VolumeCache", "WINDOW_PRESETS", "XRayImage", "ct_items", "default_cache",
+    "granted_datasets", "load_ct_volume", "load_mask", "load_xray", "open_dataset",
+    "window_hu", "xray_items",
+]

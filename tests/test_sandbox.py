@@ -93,7 +93,7 @@ def _add_dataset(session, home: MedZoneHome, dataset_id: str) -> None:
     (root / "data" / "tables" / "labs.csv").write_text(f"patient,value\n{dataset_id}-p1,7\n")
     (root / "index").mkdir()
     (root / "index" / "identifiers.bin").write_bytes(b"\x00" * 32)
-    (root / "manifest.json").write_text("{}")
+    (root / "manifest.json").write_text(json.dumps({"dataset": dataset_id}))
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o444)
@@ -195,12 +195,15 @@ def _plan(zone, targets, token: str) -> dict:
             h("medzone.sqlite"), h("secrets"), h("secrets", "screening-index.key"),
             h(), str(zone.base), f"/proc/{os.getpid()}",
             "/data/ds-a/tables/labs.csv", "/home/alice",
+            "/run/medzone/manifests/ds-a.json", "/run/medzone/manifests/ds-b.json",
         ],
         "write": ["/data/ds-a/new.txt", "/data/ds-a/tables/labs.csv", "/data/new.txt",
                   "/usr/probe.txt", "/etc/probe.txt", "/probe.txt",
+                  "/run/medzone/manifests/ds-a.json", "/run/medzone/manifests/new.json",
                   "/home/alice/persist.txt", "/tmp/scratch.txt"],
-        "listdir": ["/data", "/home", str(Path(sys.prefix).parent)],
-        "cat": ["/data/ds-a/tables/labs.csv", "/home/bob/notes.txt"],
+        "listdir": ["/data", "/home", str(Path(sys.prefix).parent), "/run/medzone/manifests"],
+        "cat": ["/data/ds-a/tables/labs.csv", "/home/bob/notes.txt",
+                "/run/medzone/manifests/ds-a.json", "/run/medzone/manifests/ds-b.json"],
     }
 
 
@@ -298,6 +301,15 @@ def test_data_lists_exactly_the_granted_dataset(zone, targets, inside):
     leaky = _broken(zone, targets, policy=policy)
     assert leaky["listdir"]["/data"] == ["ds-a", "ds-b"]
     assert leaky["exists"]["/data/ds-b"] is True
+
+
+def test_only_the_granted_datasets_manifest_is_visible(inside):
+    assert inside["listdir"]["/run/medzone/manifests"] == ["ds-a.json"]
+    assert json.loads(inside["cat"]["/run/medzone/manifests/ds-a.json"]) == {"dataset": "ds-a"}
+    assert inside["exists"]["/run/medzone/manifests/ds-b.json"] is False
+    assert inside["cat"]["/run/medzone/manifests/ds-b.json"] == "ENOENT"
+    for path in ("/run/medzone/manifests/ds-a.json", "/run/medzone/manifests/new.json"):
+        assert inside["write"][path] == "EROFS", path
 
 
 def test_ungranted_dataset_is_absent_and_its_host_path_unreachable(zone, inside, on_host):
@@ -548,7 +560,11 @@ def test_argv_isolation_flags(zone):
     assert rw == [("--bind", str(zone.home.root / "homes" / "alice"), "/home/alice")]
     assert ("--ro-bind", str(zone.home.dataset_dir("ds-a") / "data"), "/data/ds-a") in binds
     zone_binds = [b for b in binds if b[1].startswith(str(zone.home.root))]
-    assert len(zone_binds) == 2  # the home and the one granted dataset
+    assert ("--ro-bind", str(zone.home.dataset_dir("ds-a") / "manifest.json"),
+            "/run/medzone/manifests/ds-a.json") in binds
+    assert setenv["MEDZONE_MANIFESTS"] == "/run/medzone/manifests"
+    # the home, the one granted dataset and its manifest (never its index)
+    assert len(zone_binds) == 3
     if ROOT:
         uid = str(zone.uids["alice"])
         assert argv[:5] == [shutil.which("setpriv"), f"--reuid={uid}", f"--regid={uid}",
