@@ -243,6 +243,17 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
     return run_in_sandbox(home, _open_store(home), args.user, command)
 
 
+# --- run -------------------------------------------------------------------------------
+
+def cmd_run(args, home: MedZoneHome) -> int:
+    from .runner import run_template
+
+    result = run_template(home, _open_store(home), args.user, args.template,
+                          [tuple(p) for p in args.param or ()])
+    print(result.notebook)
+    return 0
+
+
 # --- hub -------------------------------------------------------------------------------
 
 def cmd_hub(args, home: MedZoneHome) -> int:
@@ -350,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--user", required=True)
     sx.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     sx.set_defaults(func=cmd_sandbox_exec)
+
+    run = sub.add_parser("run", help="run a papermill template with parameters in USER's "
+                         "sandbox; prints the executed notebook's path")
+    run.add_argument("template", help="a template name (see templates/) or an .ipynb path")
+    run.add_argument("--user", required=True)
+    run.add_argument("-p", "--parameter", dest="param", nargs=2, action="append",
+                     metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
+    run.set_defaults(func=cmd_run)
 
     hub = sub.add_parser("hub", help="run JupyterHub with MedZone's config (foreground)")
     hub.add_argument("--ip", default="127.0.0.1")
