@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from medzone_hub import registry
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 
 
@@ -93,3 +95,20 @@ class CLI:
 @pytest.fixture
 def cli(tmp_path) -> CLI:
     return CLI(tmp_path / "home")
+
+
+def add_tiny_dataset(session, home: MedZoneHome, dataset_id: str) -> None:
+    """A tiny stored dataset laid out (and sealed) the way ingest leaves one."""
+    root = home.dataset_dir(dataset_id)
+    (root / "data" / "tables").mkdir(parents=True)
+    (root / "data" / "tables" / "labs.csv").write_text(f"patient,value\n{dataset_id}-p1,7\n")
+    (root / "index").mkdir()
+    (root / "index" / "identifiers.bin").write_bytes(b"\x00" * 32)
+    (root / "manifest.json").write_text(json.dumps({"dataset": dataset_id}))
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o444)
+        os.chmod(dirpath, 0o555)
+    registry.register_dataset(
+        session, dataset_id=dataset_id, title=dataset_id, manifest_sha256="0" * 64,
+        deidentified=True, n_files=1, n_bytes=20, n_patients=1, modalities=["CSV"], actor="test")

@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from medzone_hub import access, accounts, registry
+from medzone_hub import access, accounts
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 from medzone_hub.errors import InvalidInput
 from medzone_hub.runner import (
@@ -34,6 +34,8 @@ from medzone_hub.runner import (
 )
 from medzone_hub.sandbox import SandboxConfig
 
+from .fixtures import add_tiny_dataset
+
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "runner_probe.ipynb"
 UID_BASE = SandboxConfig().uid_base
@@ -41,20 +43,6 @@ UID_BASE = SandboxConfig().uid_base
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _add_dataset(session, home: MedZoneHome, dataset_id: str) -> None:
-    root = home.dataset_dir(dataset_id)
-    (root / "data" / "tables").mkdir(parents=True)
-    (root / "data" / "tables" / "labs.csv").write_text("patient,value\np1,7\n")
-    (root / "manifest.json").write_text("{}")
-    for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o444)
-        os.chmod(dirpath, 0o555)
-    registry.register_dataset(
-        session, dataset_id=dataset_id, title=dataset_id, manifest_sha256="0" * 64,
-        deidentified=True, n_files=1, n_bytes=20, n_patients=1, modalities=["CSV"], actor="test")
 
 
 class RunZone:
@@ -99,8 +87,8 @@ def zone():
         for name in ("alice", "bob"):
             accounts.add_user(session, name, actor="test")
         accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
-        _add_dataset(session, z.home, "ds-a")
-        _add_dataset(session, z.home, "ds-b")
+        add_tiny_dataset(session, z.home, "ds-a")
+        add_tiny_dataset(session, z.home, "ds-b")
         app = access.apply(session, user="alice", dataset_ids=["ds-a"], purpose="runner tests")
         session.flush()
         access.approve(session, app.id, reviewer="steward")

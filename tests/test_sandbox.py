@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from medzone_hub import access, accounts, registry
+from medzone_hub import access, accounts
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 from medzone_hub.errors import Conflict, NotFound, RuleViolation
 from medzone_hub.models import utcnow
@@ -49,6 +49,8 @@ from medzone_hub.sandbox import (
     sandbox_cgroup,
     start_sandboxed,
 )
+
+from .fixtures import add_tiny_dataset
 
 PROBE = Path(__file__).with_name("sandbox_probe.py").read_text()
 ROOT = os.geteuid() == 0
@@ -86,23 +88,6 @@ class SandboxZone:
         return str(self.home.root.joinpath(*parts))
 
 
-def _add_dataset(session, home: MedZoneHome, dataset_id: str) -> None:
-    """A tiny stored dataset laid out (and sealed) the way ingest leaves one."""
-    root = home.dataset_dir(dataset_id)
-    (root / "data" / "tables").mkdir(parents=True)
-    (root / "data" / "tables" / "labs.csv").write_text(f"patient,value\n{dataset_id}-p1,7\n")
-    (root / "index").mkdir()
-    (root / "index" / "identifiers.bin").write_bytes(b"\x00" * 32)
-    (root / "manifest.json").write_text(json.dumps({"dataset": dataset_id}))
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o444)
-        os.chmod(dirpath, 0o555)
-    registry.register_dataset(
-        session, dataset_id=dataset_id, title=dataset_id, manifest_sha256="0" * 64,
-        deidentified=True, n_files=1, n_bytes=20, n_patients=1, modalities=["CSV"], actor="test")
-
-
 @pytest.fixture(scope="module")
 def zone():
     from medzone_hub.db import connect
@@ -120,8 +105,8 @@ def zone():
             accounts.add_user(session, name, actor="test")
         accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
         accounts.add_user(session, "pending", approved=False, actor="test")
-        _add_dataset(session, home, "ds-a")
-        _add_dataset(session, home, "ds-b")
+        add_tiny_dataset(session, home, "ds-a")
+        add_tiny_dataset(session, home, "ds-b")
         app = access.apply(session, user="alice", dataset_ids=["ds-a"], purpose="escape suite")
         session.flush()
         access.approve(session, app.id, reviewer="steward")
