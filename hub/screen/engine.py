@@ -1,0 +1,246 @@
+"""The export screen: bytes (and the datasets' screening indexes) in, a verdict out.
+
+A pure library: no database, web or sandbox. Every file is told apart by content; anything
+that cannot be read is a finding and a block, never an exception."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from . import embedded
+from .images import check_image
+from .model import (BLOCK, PASS, REVIEW, RULE_EMBEDDED_DATA, RULE_FILE_SIZE,
+                    RULE_FILE_TYPE, RULE_MALFORMED, RULE_MODEL_WEIGHTS, RULE_PATH, Collector,
+                    FileVerdict, ScreenConfig, worst)
+from .notebook import NotebookScreen
+from .tables import check_table, csv_table, html_tables, text_tables
+from .text import IndexProbe, scan_text
+
+_DEFAULT = ScreenConfig()
+
+
+def _verdict(path: str, col: Collector) -> FileVerdict:
+    return FileVerdict(path, worst([PASS] + [f.severity for f in col.findings]),
+                       list(col.findings))
+
+
+def screen_bytes(name: str, data: bytes, *, indexes: Iterable = (),
+                 config: ScreenConfig = _DEFAULT) -> FileVerdict:
+    """Screen one file's bytes; ``name`` is only reported (and tells notebooks, CSV and model
+    files apart from other text); the content decides everything else."""
+    col = Collector(config, indexes)
+    try:
+        _Screen(col, IndexProbe(col.indexes)).content(bytes(data), name, "file", 0)
+    except RecursionError:
+        col.add(RULE_MALFORMED, BLOCK, "file", "nested too deeply to screen")
+    except Exception as err:  # noqa: BLE001 - never crash on hostile input: block instead
+        col.add(RULE_MALFORMED, BLOCK, "file",
+                f"the screen could not read this file ({type(err).__name__})")
+    return _verdict(name, col)
+
+
+class _Screen:
+    def __init__(self, col: Collector, probe: IndexProbe):
+        self.col = col
+        self.probe = probe
+
+    def nested(self, data: bytes, location: str, name: str, only_known: bool = False,
+               depth: int = 1) -> bool:
+        """Bytes found inside a file (base64 in a notebook, an archive member)."""
+        kind = embedded.sniff(data, name)
+        if only_known and kind is None:
+            return False
+        self.content(data, name, location, depth, kind=kind, nested=True)
+        return True
+
+    def content(self, data: bytes, name: str, where: str, depth: int, *, kind="?",
+                nested: bool = False) -> None:
+        col, cfg = self.col, self.col.config
+        if len(data) > cfg.max_file_bytes and not nested:
+            col.add(RULE_FILE_SIZE, BLOCK, where,
+                    f"{len(data)} bytes, more than the limit of {cfg.max_file_bytes}")
+        if kind == "?":
+            kind = embedded.sniff(data, name)
+        if kind in embedded.DATA_KINDS:
+            col.add(RULE_EMBEDDED_DATA, BLOCK, where, f"{embedded.DATA_KINDS[kind]} (by content)")
+            if kind == embedded.NPZ:
+                self.archive(kind, data, where, depth)
+            return
+        if kind in embedded.WEIGHT_KINDS:
+            col.add(RULE_MODEL_WEIGHTS, REVIEW, where,
+                    f"{embedded.WEIGHT_KINDS[kind]}: needs a disclosure-risk report before release")
+            return
+        if kind in embedded.ARCHIVE_KINDS:
+            col.add(RULE_FILE_TYPE, REVIEW, where,
+                    f"{embedded.ARCHIVE_KINDS[kind]} (not an allowed output type; its members "
+                    "were screened)")
+            self.archive(kind, data, where, depth)
+            return
+        if kind in (embedded.PNG, embedded.JPEG, embedded.GIF):
+            if kind not in cfg.allowed_types:
+                col.add(RULE_FILE_TYPE, REVIEW, where, f"a {kind.upper()} image (not allowed)")
+            check_image(data, col, where)
+            return
+        if kind == embedded.PDF:
+            text = data.decode("latin-1")
+            scan_text(text, self.probe, col, where)
+            if "pdf" not in cfg.allowed_types:
+                col.add(RULE_FILE_TYPE, BLOCK, where, "a PDF (not an allowed output type)")
+            return
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            col.add(RULE_FILE_TYPE if nested else RULE_MALFORMED, BLOCK, where,
+                    "binary content of no allowed type (not UTF-8 text)")
+            return
+        if "\x00" in text:
+            col.add(RULE_MALFORMED, BLOCK, where, "text with NUL characters")
+        self.text(text, name, where)
+
+    def text(self, text: str, name: str, where: str) -> None:
+        col = self.col
+        lower = name.lower()
+        head = text.lstrip()[:1]
+        if lower.endswith(".ipynb") or (head == "{" and '"cells"' in text[:4096] + text[-4096:]):
+            NotebookScreen(col, self.probe, self.nested).run(text)
+            return
+        if lower.endswith(".json") or head in ("{", "["):
+            import json
+
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                if lower.endswith(".json"):
+                    col.add(RULE_MALFORMED, BLOCK, where, "not valid JSON")
+                value = None
+            if value is not None:
+                NotebookScreen(col, self.probe, self.nested).walk(value, where)
+                return
+        if lower.endswith((".csv", ".tsv")):
+            scan_text(text, self.probe, col, where)
+            table = csv_table(text)
+            if table is not None:
+                check_table(table, col, where, is_csv=True)
+            return
+        scan_text(text, self.probe, col, where)
+        if "<table" in text[:1 << 20].lower() or lower.endswith((".html", ".htm")):
+            for t, table in enumerate(html_tables(text), 1):
+                check_table(table, col, f"{where} table {t}")
+        else:
+            for t, table in enumerate(text_tables(text), 1):
+                check_table(table, col, f"{where} table {t}")
+        if "base64," in text:
+            NotebookScreen(col, self.probe, self.nested).data_uris(text, where)
+
+    def archive(self, kind: str, data: bytes, where: str, depth: int) -> None:
+        col, cfg = self.col, self.col.config
+        if depth >= cfg.max_archive_depth:
+            col.add(RULE_EMBEDDED_DATA, BLOCK, where,
+                    f"archives nested deeper than {cfg.max_archive_depth} levels")
+            return
+        try:
+            for n, (member, content) in enumerate(embedded.unpack(
+                    kind, data, max_members=cfg.max_archive_members,
+                    max_bytes=cfg.max_unpacked_bytes, max_ratio=cfg.max_compression_ratio), 1):
+                self.nested(content, f"{where} member {n}", member.rsplit("/", 1)[-1],
+                            depth=depth + 1)
+        except embedded.ArchiveError as err:
+            col.add(RULE_EMBEDDED_DATA, BLOCK, where, str(err))
+
+
+# --- files on disk -----------------------------------------------------------------------
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _expand(paths: Iterable) -> list[Path]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir() and not p.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                for f in sorted(filenames + [d for d in dirnames
+                                             if os.path.islink(os.path.join(dirpath, d))]):
+                    out.append(Path(dirpath) / f)
+        else:
+            out.append(p)
+    return out
+
+
+def screen_path(path, *, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
+                root: Path | None = None) -> FileVerdict:
+    path = Path(path)
+    shown = str(path)
+    col = Collector(config, indexes)
+    try:
+        if root is not None:
+            root_real = Path(root).resolve()
+            rel = path if not path.is_absolute() else None
+            if (rel is not None and ".." in rel.parts) or ".." in path.parts:
+                col.add(RULE_PATH, BLOCK, "path", "a path that climbs out of its folder (..)")
+                return _verdict(shown, col)
+            target = (path if path.is_absolute() else Path(root) / path)
+            if not _within(target.resolve(), root_real):
+                col.add(RULE_PATH, BLOCK, "path",
+                        "resolves outside the allowed folder (a symlink or path traversal)")
+                return _verdict(shown, col)
+            path = target
+        if path.is_symlink() and root is None:
+            col.add(RULE_PATH, REVIEW, "path", "a symbolic link (its target was screened)")
+        if not path.exists():
+            col.add(RULE_PATH, BLOCK, "path", "no such file")
+            return _verdict(shown, col)
+        if not path.is_file():
+            col.add(RULE_FILE_TYPE, BLOCK, "path", "not a regular file")
+            return _verdict(shown, col)
+        size = path.stat().st_size
+        if size > 4 * config.max_file_bytes:
+            with path.open("rb") as fh:
+                head = fh.read(1024)
+            col.add(RULE_FILE_SIZE, BLOCK, "file",
+                    f"{size} bytes, more than the limit of {config.max_file_bytes} (not read)")
+            kind = embedded.sniff(head, path.name)
+            if kind in embedded.DATA_KINDS:
+                col.add(RULE_EMBEDDED_DATA, BLOCK, "file", embedded.DATA_KINDS[kind])
+            return _verdict(shown, col)
+        data = path.read_bytes()
+    except OSError as err:
+        col.add(RULE_MALFORMED, BLOCK, "path", f"cannot be read ({type(err).__name__})")
+        return _verdict(shown, col)
+    verdict = screen_bytes(path.name, data, indexes=col.indexes, config=config)
+    return FileVerdict(shown, worst([verdict.verdict] + [f.severity for f in col.findings]),
+                       list(col.findings) + verdict.findings)
+
+
+def screen_paths(paths, *, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
+                 root: Path | None = None) -> list[FileVerdict]:
+    """One verdict per file (folders are expanded). With ``root``, anything that resolves
+    outside it (a symlink, ``..``) is blocked unread."""
+    return [screen_path(p, indexes=indexes, config=config, root=root) for p in _expand(paths)]
+
+
+def load_indexes(home, dataset_ids) -> list:
+    """The screening indexes of these datasets (``MEDZONE_HOME/datasets/<id>/index``)."""
+    from ..errors import InvalidInput
+    from ..ingest import screening_index_key
+    from .index import ScreeningIndex
+
+    key = screening_index_key(home)
+    out = []
+    for dataset_id in dataset_ids:
+        directory = home.dataset_dir(dataset_id) / "index"
+        if not directory.is_dir():
+            raise InvalidInput(f"dataset {dataset_id!r} has no screening index")
+        out.append(ScreeningIndex.load(directory, key))
+    return out
+
+
+__all__ = ["screen_bytes", "screen_path", "screen_paths", "load_indexes"]

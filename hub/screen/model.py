@@ -1,0 +1,124 @@
+"""What the export screen returns and how it is configured (documented defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PASS, REVIEW, BLOCK = "pass", "review", "block"
+_RANK = {PASS: 0, REVIEW: 1, BLOCK: 2}
+
+PROFILES = ("acro-default", "opensafely")
+
+# Rule names (the ``rule`` of a finding).
+RULE_DATASET_IDENTIFIER = "dataset-identifier"
+RULE_DIRECT_IDENTIFIER = "direct-identifier"
+RULE_EMBEDDED_DATA = "embedded-data"
+RULE_DATASET_IMAGE = "dataset-image"
+RULE_ROW_LEVEL = "row-level-data"
+RULE_SMALL_COUNTS = "small-counts"
+RULE_MODEL_WEIGHTS = "model-weights"
+RULE_FILE_TYPE = "file-type"
+RULE_FILE_SIZE = "file-size"
+RULE_MALFORMED = "malformed"
+RULE_PATH = "path"
+RULES = (RULE_DATASET_IDENTIFIER, RULE_DIRECT_IDENTIFIER, RULE_EMBEDDED_DATA, RULE_DATASET_IMAGE,
+         RULE_ROW_LEVEL, RULE_SMALL_COUNTS, RULE_MODEL_WEIGHTS, RULE_FILE_TYPE, RULE_FILE_SIZE,
+         RULE_MALFORMED, RULE_PATH)
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason for a verdict. ``detail`` never repeats the identifying value itself."""
+
+    rule: str
+    severity: str  # "review" | "block"
+    location: str
+    detail: str
+
+
+@dataclass
+class FileVerdict:
+    path: str
+    verdict: str  # "pass" | "review" | "block"
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "verdict": self.verdict,
+                "findings": [{"rule": f.rule, "severity": f.severity, "location": f.location,
+                              "detail": f.detail} for f in self.findings]}
+
+
+def worst(verdicts) -> str:
+    out = PASS
+    for v in verdicts:
+        if _RANK[v] > _RANK[out]:
+            out = v
+    return out
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """Every rule's setting. Defaults follow ACRO 1.0 (threshold 10, zeros disclosive,
+    dominance n=2 k=0.9, p-ratio 0.1) and OpenSAFELY's output checking (16 MB files, 5000 CSV
+    rows; with ``profile="opensafely"`` counts ≤7 are disclosive and counts must be rounded
+    to 5)."""
+
+    profile: str = "acro-default"
+    # file type and size
+    max_file_bytes: int = 16 * MB
+    max_csv_rows: int = 5000
+    max_output_bytes: int = 8 * MB  # one notebook output (all its mime bundles)
+    # small counts
+    threshold: int = 10  # acro-default: a count below it (1..threshold-1) is disclosive
+    zeros_disclosive: bool = True
+    dominance_n: int = 2
+    dominance_k: float = 0.9
+    p_ratio: float = 0.1
+    opensafely_redact_at_or_below: int = 7
+    opensafely_rounding: int = 5
+    # row-level data
+    row_level_min_rows: int = 20  # a table at least this long …
+    row_level_cohort_fraction: float = 0.5  # … and at least this share of the cohort
+    # direct identifiers (recognizer confidence)
+    block_confidence: float = 0.8
+    review_confidence: float = 0.5
+    # identifiers from the index: candidate spellings
+    max_window_words: int = 4
+    # archives
+    max_archive_depth: int = 3
+    max_archive_members: int = 10_000
+    max_unpacked_bytes: int = 256 * MB
+    max_compression_ratio: float = 200.0
+    # embedded data in base64 strings of notebooks (shorter strings are not decoded)
+    min_base64_chars: int = 64
+    # the file types that may leave (by content); anything else is a finding
+    allowed_types: tuple[str, ...] = ("csv", "png", "jpeg", "svg", "html", "txt", "json",
+                                      "ipynb", "md", "pdf")
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown screen profile {self.profile!r} "
+                             f"(one of {', '.join(PROFILES)})")
+
+
+class Collector:
+    """Findings of one file, with helpers that keep locations consistent."""
+
+    def __init__(self, config: ScreenConfig, indexes, depth: int = 0):
+        self.config = config
+        self.indexes = list(indexes)
+        self.depth = depth
+        self.findings: list[Finding] = []
+        self._seen: set[tuple[str, str, str]] = set()
+
+    def add(self, rule: str, severity: str, location: str, detail: str) -> None:
+        key = (rule, location, detail)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.findings.append(Finding(rule, severity, location, detail))
+
+    @property
+    def cohort_size(self) -> int:
+        return max((int(ix.counts.get("patient_id", 0) or 0) for ix in self.indexes), default=0)

@@ -1,0 +1,156 @@
+"""Jupyter notebooks: every cell source, output, attachment, widget state and metadata,
+and base64 strings decoded to look for embedded data and images."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+
+from .model import BLOCK, RULE_MALFORMED, Collector
+from .tables import check_table, html_tables, text_tables
+from .text import scan_text
+
+_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
+_B64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+_DATA_URI_RE = re.compile(r"data:[\w/+.-]+;base64,([A-Za-z0-9+/=\s]{16,})")
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return "".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _b64(value: str) -> bytes | None:
+    try:
+        return base64.b64decode(value, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class NotebookScreen:
+    def __init__(self, col: Collector, probe, screen_nested):
+        self.col = col
+        self.probe = probe
+        self.screen_nested = screen_nested  # (bytes, location, name, only_known) -> bool
+
+    def run(self, text: str) -> None:
+        col = self.col
+        try:
+            nb = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            col.add(RULE_MALFORMED, BLOCK, "notebook", f"not valid JSON ({type(err).__name__})")
+            scan_text(text, self.probe, col, "notebook text")
+            return
+        if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+            col.add(RULE_MALFORMED, BLOCK, "notebook", "not a notebook (no list of cells)")
+            self.walk(nb, "notebook")
+            return
+        self.walk(nb.get("metadata", {}), "notebook metadata")
+        for i, cell in enumerate(nb["cells"], 1):
+            where = f"cell {i}"
+            if not isinstance(cell, dict):
+                col.add(RULE_MALFORMED, BLOCK, where, "a cell that is not an object")
+                continue
+            scan_text(_text(cell.get("source", "")), self.probe, col, f"{where} source")
+            self.walk(cell.get("metadata", {}), f"{where} metadata")
+            attachments = cell.get("attachments") or {}
+            if isinstance(attachments, dict):
+                for a, bundle in enumerate(attachments.values(), 1):
+                    self.bundle(bundle, f"{where} attachment {a}")
+            outputs = cell.get("outputs") or []
+            if not isinstance(outputs, list):
+                col.add(RULE_MALFORMED, BLOCK, where, "outputs that are not a list")
+                continue
+            for k, out in enumerate(outputs, 1):
+                self.output(out, f"{where} output {k}")
+        for key in nb:
+            if key not in ("cells", "metadata", "nbformat", "nbformat_minor"):
+                self.walk(nb[key], f"notebook field {key!r}"[:60])
+
+    def output(self, out, where: str) -> None:
+        col = self.col
+        if not isinstance(out, dict):
+            col.add(RULE_MALFORMED, BLOCK, where, "an output that is not an object")
+            return
+        size = sum(len(v) if isinstance(v, str) else sum(map(len, v)) if isinstance(v, list)
+                   and all(isinstance(x, str) for x in v) else 0
+                   for v in [out.get("text", "")] + list((out.get("data") or {}).values()))
+        if size > col.config.max_output_bytes:
+            col.add(RULE_MALFORMED, BLOCK, where,
+                    f"a huge output ({size} characters, limit {col.config.max_output_bytes})")
+        kind = out.get("output_type")
+        if kind == "stream":
+            self.text_output(_text(out.get("text", "")), f"{where} {out.get('name', 'stream')}")
+        elif kind == "error":
+            scan_text(_text(out.get("traceback", [])) + "\n" + _text(out.get("evalue", "")),
+                      self.probe, col, f"{where} error")
+        else:
+            self.bundle(out.get("data") or {}, where)
+        self.walk(out.get("metadata", {}), f"{where} metadata")
+
+    def bundle(self, bundle, where: str) -> None:
+        if not isinstance(bundle, dict):
+            self.walk(bundle, where)
+            return
+        for mime, value in bundle.items():
+            loc = f"{where} {mime}"
+            if mime in _IMAGE_MIMES:
+                data = _b64(_text(value))
+                if data is None:
+                    self.col.add(RULE_MALFORMED, BLOCK, loc, "an image that is not valid base64")
+                else:
+                    self.screen_nested(data, loc, mime.replace("/", "."))
+            elif mime == "text/html":
+                html = _text(value)
+                scan_text(html, self.probe, self.col, loc)
+                for t, table in enumerate(html_tables(html), 1):
+                    check_table(table, self.col, f"{loc} table {t}")
+                self.data_uris(html, loc)
+            elif mime in ("text/plain", "text/markdown", "text/latex", "image/svg+xml"):
+                self.text_output(_text(value), loc, tables=mime == "text/plain")
+                self.data_uris(_text(value), loc)
+            else:
+                self.walk(value, loc)
+
+    def text_output(self, text: str, where: str, *, tables: bool = True) -> None:
+        scan_text(text, self.probe, self.col, where)
+        if tables:
+            for t, table in enumerate(text_tables(text), 1):
+                check_table(table, self.col, f"{where} table {t}")
+
+    def data_uris(self, text: str, where: str) -> None:
+        if "base64," not in text:
+            return
+        for n, m in enumerate(_DATA_URI_RE.finditer(text), 1):
+            data = _b64(m.group(1))
+            if data:
+                self.screen_nested(data, f"{where} data URI {n}", "", only_known=True)
+
+    def walk(self, value, where: str) -> None:
+        """Any JSON value (metadata, widget state, JSON outputs): its text and its base64."""
+        strings: list[str] = []
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, dict):
+                strings.extend(str(k) for k in v)
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+            elif isinstance(v, str):
+                strings.append(v)
+        plain = []
+        for s in strings:
+            if len(s) >= self.col.config.min_base64_chars and _B64_RE.fullmatch(s):
+                data = _b64(s)
+                if data and self.screen_nested(data, f"{where} base64 string", "",
+                                               only_known=True):
+                    continue
+            plain.append(s)
+        if plain:
+            scan_text("\n".join(plain), self.probe, self.col, where)
