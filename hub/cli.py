@@ -254,6 +254,102 @@ def cmd_run(args, home: MedZoneHome) -> int:
     return 0
 
 
+# --- export ----------------------------------------------------------------------------
+
+def cmd_export_screen(args, home: MedZoneHome) -> int:
+    from .screen import ScreenConfig, load_indexes, screen_paths
+
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        raise InvalidInput(f"no such file: {missing[0]}")
+    try:
+        config = ScreenConfig(profile=args.profile)
+    except ValueError as err:
+        raise InvalidInput(str(err)) from None
+    indexes = load_indexes(home, args.dataset or [])
+    verdicts = screen_paths([Path(p) for p in args.paths], indexes=indexes, config=config)
+    if args.json:
+        _print_json({"files": [v.to_dict() for v in verdicts]})
+        return 0
+    for v in verdicts:
+        print(f"{v.verdict:6}  {v.path}")
+        for f in v.findings:
+            print(f"        {f.severity}: {f.rule} at {f.location}: {f.detail}")
+    return 0
+
+
+def cmd_export_request(args, home: MedZoneHome) -> int:
+    from .airlock import submit_export
+
+    print(submit_export(_open_store(home), home, user=args.user, paths=args.paths,
+                        reason=args.reason))
+    return 0
+
+
+def cmd_export_review(args, home: MedZoneHome) -> int:
+    from .airlock import review_export
+
+    with _open_store(home).session() as session:
+        request = review_export(session, args.id, reviewer=args.reviewer,
+                                approve=args.decision == "approve", comment=args.comment)
+        line = (f"export request {request.id}: {request.state} "
+                f"({sum(r.approve for r in request.reviews)} of {request.approvals_required} "
+                "approvals)")
+    print(line)
+    return 0
+
+
+def cmd_export_show(args, home: MedZoneHome) -> int:
+    from .airlock import get_request, notebook_diffs, screen_report, status
+
+    with _open_store(home).session() as session:
+        request = get_request(session, args.id)
+        info = status(request)
+        report = screen_report(request)
+        diffs = notebook_diffs(home, request)
+    print(f"export request {info['id']} by {info['user']}: {info['state']}, screen verdict "
+          f"{info['verdict']}, {info['approvals']} of {info['approvals_required']} approvals")
+    print(f"reason: {info['reason']}")
+    print(f"datasets screened against: {', '.join(info['datasets']) or '(none)'}")
+    print(f"screen report sha256: {info['screen_report_sha256']}")
+    for f in report["files"]:
+        print(f"\n{f['verdict'].upper():6}  {f['path']}")
+        for finding in f["findings"]:
+            print(f"  [{finding['severity']}] {finding['rule']} at {finding['location']}: "
+                  f"{finding['detail']}")
+    for review in info["reviews"]:
+        print(f"\nreview: {review['reviewer']} {review['decision']} at {review['time']}"
+              + (f": {review['comment']}" if review["comment"] else ""))
+    for path, diff in diffs:
+        print(f"\n--- nbdime diff of {path} against its template ---")
+        sys.stdout.write(diff if diff.strip() else "(no changes)\n")
+    return 0
+
+
+def cmd_export_status(args, home: MedZoneHome) -> int:
+    from .airlock import get_request, status
+
+    with _open_store(home).session() as session:
+        info = status(get_request(session, args.id))
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"export request {info['id']}: {info['state']} (screen {info['verdict']}, "
+              f"{info['approvals']} of {info['approvals_required']} approvals)")
+        _print_table(info["files"], ["path", "verdict", "sha256"])
+    return 0
+
+
+def cmd_export_download(args, home: MedZoneHome) -> int:
+    from .airlock import release_export
+
+    _record, written = release_export(_open_store(home), home, args.id, user=args.user,
+                                      dest=Path(args.to))
+    for path in written:
+        print(path)
+    return 0
+
+
 # --- hub -------------------------------------------------------------------------------
 
 def cmd_hub(args, home: MedZoneHome) -> int:
@@ -280,6 +376,61 @@ def cmd_audit_verify(args, home: MedZoneHome) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------
+
+def _export_parser(sub) -> argparse._SubParsersAction:
+    """The ``export`` command group (created once; each export command adds itself)."""
+    existing = sub.choices.get("export")
+    if existing is not None:
+        return existing._medzone_actions
+    parser = sub.add_parser("export", help="the export airlock: screen, request, review, release")
+    actions = parser.add_subparsers(dest="export_command", required=True, metavar="ACTION")
+    parser._medzone_actions = actions
+    return actions
+
+
+def _add_export_screen(sub) -> None:
+    export = _export_parser(sub)
+    scr = export.add_parser("screen", help="screen files (no request): a verdict per file")
+    scr.add_argument("paths", nargs="+", metavar="PATH")
+    scr.add_argument("--dataset", action="append", metavar="ID",
+                     help="screen against this dataset's index (repeatable)")
+    scr.add_argument("--profile", default="acro-default", choices=("acro-default", "opensafely"),
+                     help="small-count rules (default: acro-default)")
+    scr.add_argument("--json", action="store_true")
+    scr.set_defaults(func=cmd_export_screen)
+
+
+def _add_export_workflow(sub) -> None:
+    export = _export_parser(sub)
+    req = export.add_parser("request", help="quarantine and screen files from USER's home; "
+                            "prints the request id")
+    req.add_argument("--user", required=True)
+    req.add_argument("paths", nargs="+", metavar="PATH",
+                     help="files or folders, relative to the home (or absolute inside it)")
+    req.add_argument("--reason", required=True)
+    req.set_defaults(func=cmd_export_request)
+    rev = export.add_parser("review", help="approve or reject an export request")
+    rev.add_argument("id", type=int)
+    rev.add_argument("--reviewer", required=True)
+    decision = rev.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--approve", dest="decision", action="store_const", const="approve")
+    decision.add_argument("--reject", dest="decision", action="store_const", const="reject")
+    rev.add_argument("--comment")
+    rev.set_defaults(func=cmd_export_review)
+    show = export.add_parser("show", help="the screen report and nbdime diffs against templates")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=cmd_export_show)
+    st = export.add_parser("status", help="state, files and reviews of an export request")
+    st.add_argument("id", type=int)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_export_status)
+    dl = export.add_parser("download", help="write an approved request's files and release "
+                           "record into DIR (requester only)")
+    dl.add_argument("id", type=int)
+    dl.add_argument("--user", required=True)
+    dl.add_argument("--to", required=True, metavar="DIR")
+    dl.set_defaults(func=cmd_export_download)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medzone", description="MedZone medical data safe zone.")
@@ -375,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--port", type=int, default=8000)
     hub.add_argument("--config", help="a jupyterhub_config.py to use instead of MedZone's")
     hub.set_defaults(func=cmd_hub)
+
+    _add_export_screen(sub)
+    _add_export_workflow(sub)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION")

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.ext.mutable import MutableList
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -229,3 +230,111 @@ class AuditHead(Base):
 
     def __repr__(self) -> str:
         return f"<AuditHead {self.seq} {self.hash[:12]}>"
+
+
+# --- the export airlock (see medzone_hub.airlock) -----------------------------------------
+
+#: States of an export request (``export_requests.state``); see :mod:`medzone_hub.airlock`.
+EXPORT_STATES = ("pending", "blocked", "approved", "rejected", "released")
+#: Screen verdicts, per file and per request.
+EXPORT_VERDICTS = ("pass", "review", "block")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+class ExportPolicy(Base):
+    """Per-dataset export settings: approvals a flagged (``review``) request needs."""
+
+    __tablename__ = "export_policies"
+    __table_args__ = (CheckConstraint("review_approvals >= 1", name="review_approvals"),)
+
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    review_approvals: Mapped[int] = mapped_column(default=2)
+    updated_by: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExportRequest(Base):
+    """A request to take files out of the zone, and the quarantine copy it points to.
+
+    A row exists only once its quarantine folder ``MEDZONE_HOME/airlock/<id>`` is complete.
+    ``screen_report`` is the exact JSON text whose sha256 is ``screen_report_sha256``.
+    """
+
+    __tablename__ = "export_requests"
+    __table_args__ = (
+        CheckConstraint(_in("state", EXPORT_STATES), name="state"),
+        CheckConstraint(_in("verdict", EXPORT_VERDICTS), name="verdict"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    verdict: Mapped[str] = mapped_column(String(8))
+    #: Datasets the requester held live grants for: their indexes screened the files.
+    dataset_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    approvals_required: Mapped[int]
+    screen_report: Mapped[str] = mapped_column(Text)
+    screen_report_sha256: Mapped[str] = mapped_column(String(64))
+    #: Rule settings and tool versions the screen ran with.
+    screen_settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None]
+    released_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
+    files: Mapped[list[ExportFile]] = relationship(
+        back_populates="request", lazy="selectin", order_by="ExportFile.path"
+    )
+    reviews: Mapped[list[ExportReview]] = relationship(
+        back_populates="request", lazy="selectin", order_by="ExportReview.id"
+    )
+
+    def __repr__(self) -> str:
+        return f"<ExportRequest {self.id} {self.state} {self.verdict}>"
+
+
+class ExportFile(Base):
+    """One file of a request: its path in the requester's home and the quarantine copy's hash."""
+
+    __tablename__ = "export_files"
+    __table_args__ = (
+        UniqueConstraint("request_id", "path"),
+        CheckConstraint(_in("verdict", EXPORT_VERDICTS), name="verdict"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("export_requests.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    verdict: Mapped[str] = mapped_column(String(8))
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+    request: Mapped[ExportRequest] = relationship(back_populates="files")
+
+    def __repr__(self) -> str:
+        return f"<ExportFile {self.request_id}:{self.path} {self.verdict}>"
+
+
+class ExportReview(Base):
+    """One reviewer's decision on a request; a reviewer decides a request at most once."""
+
+    __tablename__ = "export_reviews"
+    __table_args__ = (UniqueConstraint("request_id", "reviewer_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("export_requests.id"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    approve: Mapped[bool]
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    request: Mapped[ExportRequest] = relationship(back_populates="reviews")
+    reviewer: Mapped[User] = relationship(lazy="joined", innerjoin=True)
+
+    def __repr__(self) -> str:
+        return f"<ExportReview {self.request_id} {self.reviewer_id} {self.approve}>"

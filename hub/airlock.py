@@ -1,0 +1,880 @@
+"""The export airlock: request, quarantine, screen, review, release.
+
+Nothing leaves the zone except through these functions; the CLI and the portal call them
+and add no rules of their own. Life of an export request::
+
+    request --(screen: pass|review)--> pending --approvals reached--> approved --download--> released
+       |                                  |                                                  |
+       +--(screen: block)--> blocked      +--one reject--> rejected          (download again)+
+
+- :func:`request_export` copies the files, from the requester's home only, into a
+  quarantine folder ``MEDZONE_HOME/airlock/<id>/files/…`` (read-only, fsynced, staged and
+  renamed into place), hashes them and screens the quarantine copy with the indexes of the
+  datasets the requester holds live grants for. The row is inserted, the staged folder
+  renamed to its final name and the audit row appended in one transaction, so a request row
+  only ever points to a complete quarantine.
+- :func:`review_export`: reviewers hold the ``export-reviewer`` role (or are admins) and are
+  never the requester. A ``pass`` request needs one approval, a ``review`` request
+  :data:`DEFAULT_REVIEW_APPROVALS` distinct ones (per dataset: :func:`set_review_approvals`;
+  the strictest dataset of a request wins); a ``block`` request cannot be approved. One
+  rejection rejects.
+- :func:`release_export` (``medzone export download``): only the requester, only once
+  approved; every quarantine file is hashed again and must match the hash recorded at
+  request time (a mismatch is refused and audited). The release is audited *before* any
+  byte is written out, then exactly the quarantine bytes are written (staged, renamed) with
+  ``release-<id>.json``.
+
+Killed at any point, nothing is lost and nothing unreviewed leaves: state changes are one
+transaction each, files are staged under ``airlock/.staging`` and renamed into place, and a
+staged folder whose owner died (its lock is free) is swept by the next request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import audit
+from .access import live_grants
+from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
+from .config import MedZoneHome
+from .errors import Conflict, InvalidInput, NotFound, RuleViolation
+from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, utcnow
+from .registry import get_dataset
+
+#: Approvals a ``review`` request needs unless its datasets say otherwise.
+DEFAULT_REVIEW_APPROVALS = 2
+#: Approvals a ``pass`` request needs.
+PASS_APPROVALS = 1
+MAX_APPROVALS = 10
+
+#: Name of the copy of the template next to an executed run notebook (see runner).
+TEMPLATE_COPY = "template.ipynb"
+#: Mode of quarantined files and folders.
+FILE_MODE = 0o444
+DIR_MODE = 0o555
+_CHUNK = 1 << 20
+
+
+# --- places ------------------------------------------------------------------------------
+
+def airlock_dir(home: MedZoneHome) -> Path:
+    return home.root / "airlock"
+
+
+def staging_dir(home: MedZoneHome) -> Path:
+    # Same filesystem as the quarantine folders, so publishing is one rename().
+    return airlock_dir(home) / ".staging"
+
+
+def quarantine_dir(home: MedZoneHome, request_id: int) -> Path:
+    """``MEDZONE_HOME/airlock/<id>``: ``files/`` (what may leave), ``templates/`` (diff bases)."""
+    return airlock_dir(home) / str(int(request_id))
+
+
+def user_home(home: MedZoneHome, user: str) -> Path:
+    return home.root / "homes" / user
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return utcnow()
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"naive datetime {now!r}: give a timezone-aware one")
+    return now.astimezone(timezone.utc)
+
+
+def _subject(request_id: int) -> str:
+    return f"export:{request_id}"
+
+
+# --- paths -------------------------------------------------------------------------------
+
+def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str]) -> list[str]:
+    """The files named by *paths*, as POSIX paths relative to the user's home, sorted.
+
+    A path is relative to the home, or absolute inside it (as the host sees it, or as the
+    sandbox does: ``/home/<user>/…``). ``..`` components, anything whose real location is
+    outside the home, and anything that is not a regular file or a folder are refused.
+    A folder stands for the regular files under it.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise InvalidInput("name at least one file to export")
+    if not user_root.is_dir():
+        raise NotFound(f"user {user!r} has no home folder yet: nothing to export")
+    root = user_root.resolve()
+    inside_prefix = PurePosixPath("/home") / user
+    chosen: dict[str, None] = {}
+    for raw in paths:
+        if not isinstance(raw, str) or not raw.strip() or "\x00" in raw:
+            raise InvalidInput(f"invalid path {raw!r}")
+        given = PurePosixPath(raw)
+        if ".." in given.parts:
+            raise RuleViolation(f"refusing {raw!r}: '..' is not allowed in export paths")
+        if given.is_absolute():
+            if given.is_relative_to(inside_prefix):
+                rel = given.relative_to(inside_prefix)
+            elif Path(raw).is_relative_to(user_root) or Path(raw).is_relative_to(root):
+                base = user_root if Path(raw).is_relative_to(user_root) else root
+                rel = PurePosixPath(Path(raw).relative_to(base).as_posix())
+            else:
+                raise RuleViolation(f"refusing {raw!r}: only files in {user}'s home can be exported")
+        else:
+            rel = given
+        candidate = root / rel
+        real = Path(os.path.realpath(candidate))
+        if real != root and not real.is_relative_to(root):
+            raise RuleViolation(f"refusing {raw!r}: it leads out of {user}'s home")
+        if not os.path.lexists(candidate):
+            raise NotFound(f"{raw!r} does not exist in {user}'s home")
+        if real.is_dir():
+            for dirpath, dirnames, filenames in os.walk(real):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    chosen[_checked_file(root, Path(dirpath) / name, raw)] = None
+        else:
+            chosen[_checked_file(root, real, raw)] = None
+    if not chosen:
+        raise InvalidInput("the named folders hold no files to export")
+    return sorted(chosen)
+
+
+def _checked_file(root: Path, path: Path, raw: str) -> str:
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        raise RuleViolation(f"refusing {raw!r}: {path.name} leads out of the home")
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise RuleViolation(f"refusing {raw!r}: {path.name} is not a regular file")
+    return real.relative_to(root).as_posix()
+
+
+# --- files -------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_file(src: Path, dst: Path, *, inside: Path | None = None) -> tuple[str, int]:
+    """Copy *src* (no symlink followed at the last step) to a new *dst*, fsynced, 0444.
+
+    With *inside*, the file actually opened must lie under that folder: a folder swapped
+    for a symlink after the paths were checked is caught here.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RuleViolation(f"refusing {src.name}: not a regular file")
+        if inside is not None:
+            opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if not opened.is_relative_to(inside):
+                raise RuleViolation(f"refusing {src.name}: it leads out of the home")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
+            while chunk := fin.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    finally:
+        os.close(fd)
+    os.chmod(dst, FILE_MODE)
+    return digest.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(folder: Path) -> None:
+    """Make *folder* read-only all the way down and flush its entries."""
+    for dirpath, _dirnames, _filenames in os.walk(folder, topdown=False):
+        _fsync_dir(Path(dirpath))
+        os.chmod(dirpath, DIR_MODE)
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a (sealed) folder: make it writable first."""
+    if not os.path.lexists(folder):
+        return
+    for dirpath, dirnames, _filenames in os.walk(folder):
+        os.chmod(dirpath, 0o700)
+    shutil.rmtree(folder)
+
+
+class _Staging:
+    """A folder under ``airlock/.staging`` owned (flock) by this process while it lives.
+
+    The lock file is locked before it gets the name a sweeper looks for, so a sweeper
+    never sees an unlocked lock of a live owner.
+    """
+
+    def __init__(self, home: MedZoneHome):
+        home.root.mkdir(parents=True, exist_ok=True)
+        airlock_dir(home).mkdir(mode=0o700, exist_ok=True)
+        base = staging_dir(home)
+        base.mkdir(mode=0o700, exist_ok=True)
+        name = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.path = base / name
+        hidden = base / f".{name}.locking"
+        self._lock = open(hidden, "x")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._lock_path = base / f"{name}.lock"
+        os.rename(hidden, self._lock_path)
+        self.path.mkdir(mode=0o700)
+
+    def close(self) -> None:
+        _remove_tree(self.path)
+        self._lock_path.unlink(missing_ok=True)
+        self._lock.close()
+
+
+def sweep_staging(home: MedZoneHome) -> list[str]:
+    """Remove staged folders whose owner died before publishing them; their names."""
+    base = staging_dir(home)
+    if not base.is_dir():
+        return []
+    swept = []
+    for hidden in base.glob(".*.locking"):  # its owner died before naming its lock
+        with open(hidden, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            hidden.unlink(missing_ok=True)
+    for lock_path in sorted(base.glob("*.lock")):
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive and still staging
+            _remove_tree(base / lock_path.stem)
+            lock_path.unlink(missing_ok=True)
+            swept.append(lock_path.stem)
+    return swept
+
+
+# --- the screen --------------------------------------------------------------------------
+
+def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
+            dataset_ids: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Screen the quarantined files; (per-file results in *rel_paths* order, settings)."""
+    from . import screen
+
+    config = screen.ScreenConfig()
+    indexes = screen.load_indexes(home, list(dataset_ids)) if dataset_ids else ()
+    verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=indexes,
+                                   config=config, root=files_root)
+    by_path: dict[str, dict[str, Any]] = {}
+    for verdict in verdicts:
+        path = Path(verdict.path)
+        rel = (path.relative_to(files_root) if path.is_absolute() else path).as_posix()
+        by_path[rel] = {
+            "path": rel,
+            "verdict": verdict.verdict,
+            "findings": [_finding_dict(f) for f in verdict.findings],
+        }
+    results = []
+    for rel in rel_paths:
+        if rel not in by_path:  # fail closed: a file the screen did not report on
+            by_path[rel] = {"path": rel, "verdict": "block", "findings": [{
+                "rule": "screen-missing", "severity": "block", "location": rel,
+                "detail": "the screen returned no verdict for this file"}]}
+        results.append(by_path[rel])
+    settings = {
+        "rules": _plain(config),
+        "tools": _tool_versions(screen),
+        "datasets": list(dataset_ids),
+    }
+    return results, settings
+
+
+def _finding_dict(finding) -> dict[str, Any]:
+    return {key: _plain(getattr(finding, key)) for key in ("rule", "severity", "location", "detail")}
+
+
+def _plain(value) -> Any:
+    """A JSON-able form of a config or finding value."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _tool_versions(screen_module) -> dict[str, str]:
+    from . import __version__
+
+    versions = {"medzone": __version__, "python": platform.python_version()}
+    screen_version = getattr(screen_module, "__version__", None)
+    if screen_version:
+        versions["screen"] = str(screen_version)
+    for dist in ("nbdime", "nbformat", "pydicom", "numpy", "Pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def overall_verdict(verdicts: Iterable[str]) -> str:
+    order = {"pass": 0, "review": 1, "block": 2}
+    worst = "pass"
+    for verdict in verdicts:
+        if verdict not in order:
+            return "block"  # fail closed on anything unexpected
+        if order[verdict] > order[worst]:
+            worst = verdict
+    return worst
+
+
+# --- policy ------------------------------------------------------------------------------
+
+def set_review_approvals(session: Session, dataset_id: str, approvals: int, *,
+                         actor: str, now: datetime | None = None) -> ExportPolicy:
+    """Set how many distinct approvals a flagged (``review``) export touching *dataset_id* needs."""
+    now = _now(now)
+    if isinstance(approvals, bool) or not isinstance(approvals, int) or not (
+            1 <= approvals <= MAX_APPROVALS):
+        raise InvalidInput(f"approvals must be a whole number from 1 to {MAX_APPROVALS}")
+    get_dataset(session, dataset_id)
+    policy = session.get(ExportPolicy, dataset_id)
+    if policy is None:
+        policy = ExportPolicy(dataset_id=dataset_id)
+        session.add(policy)
+    policy.review_approvals = approvals
+    policy.updated_by = actor
+    policy.updated_at = now
+    audit.append(session, actor=actor, action="export.policy", subject=f"dataset:{dataset_id}",
+                 detail={"review_approvals": approvals}, time=now)
+    return policy
+
+
+def review_approvals(session: Session, dataset_ids: Iterable[str]) -> int:
+    """Approvals a ``review`` request over *dataset_ids* needs: the strictest dataset's."""
+    needed = DEFAULT_REVIEW_APPROVALS
+    configured = [
+        policy.review_approvals
+        for policy in session.scalars(
+            select(ExportPolicy).where(ExportPolicy.dataset_id.in_(list(dataset_ids))))
+    ]
+    if configured:
+        needed = max(configured)
+    return needed
+
+
+# --- request -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StagedExport:
+    """Files copied, hashed and screened in a staging folder, not yet a request.
+
+    Made by :func:`stage_export` without the database; :func:`record_export` turns it into
+    a request. :meth:`close` removes whatever was not published.
+    """
+
+    user: str
+    dataset_ids: list[str]
+    results: list[dict[str, Any]]
+    hashes: dict[str, tuple[str, int]]
+    settings: dict[str, Any]
+    report: str
+    verdict: str
+    staging: _Staging
+
+    def close(self) -> None:
+        self.staging.close()
+
+
+def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
+                 dataset_ids: Sequence[str]) -> StagedExport:
+    """Copy *paths* from *user*'s home into a sealed staging folder, hash and screen them
+    there with the indexes of *dataset_ids*. Touches no database."""
+    validate_user_name(user)
+    rel_paths = resolve_request_paths(user_home(home, user), user, paths)
+    root = user_home(home, user).resolve()
+    sweep_staging(home)
+    staging = _Staging(home)
+    try:
+        files_root = staging.path / "files"
+        files_root.mkdir()
+        hashes: dict[str, tuple[str, int]] = {}
+        for rel in rel_paths:
+            hashes[rel] = _copy_file(root / rel, files_root / rel, inside=root)
+        # Diff bases for executed templates: the template copy next to each notebook.
+        for rel in rel_paths:
+            template = PurePosixPath(rel).parent / TEMPLATE_COPY
+            target = staging.path / "templates" / template
+            if rel.endswith(".ipynb") and not target.exists():
+                try:
+                    _copy_file(root / template, target, inside=root)
+                except (OSError, RuleViolation):
+                    pass  # not an executed template (or not one we can trust): no diff
+        results, settings = _screen(files_root, rel_paths, home, dataset_ids)
+        report = audit.canonical_json({"files": results})
+        (staging.path / "screen.json").write_text(report, encoding="utf-8")
+        os.chmod(staging.path / "screen.json", FILE_MODE)
+        _seal(staging.path)
+    except BaseException:
+        staging.close()
+        raise
+    return StagedExport(user=user, dataset_ids=list(dataset_ids), results=results,
+                        hashes=hashes, settings=settings, report=report,
+                        verdict=overall_verdict(r["verdict"] for r in results), staging=staging)
+
+
+def _requester(session: Session, user: str) -> User:
+    requester = get_user(session, user)
+    if not requester.approved:
+        raise RuleViolation(f"user {user!r} is not approved yet")
+    return requester
+
+
+def _reason_text(reason: str) -> str:
+    reason = reason.strip() if isinstance(reason, str) else ""
+    if not reason:
+        raise InvalidInput("give the reason for the export (--reason)")
+    return reason
+
+
+class GrantsChanged(Conflict):
+    """The requester's grants changed while the files were screened: screen again."""
+
+
+def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, reason: str,
+                  now: datetime | None = None) -> ExportRequest:
+    """Turn *staged* into a request: insert the rows, rename the staging folder to
+    ``airlock/<id>`` and audit, all in *session*'s transaction.
+
+    The quarantine folder is removed again if that transaction rolls back.
+    """
+    now = _now(now)
+    reason = _reason_text(reason)
+    requester = _requester(session, staged.user)
+    if live_grants(session, staged.user, now) != staged.dataset_ids:
+        raise GrantsChanged(f"{staged.user}'s dataset grants changed while the files were "
+                            "screened: request the export again")
+    verdict = staged.verdict
+    required = (PASS_APPROVALS if verdict == "pass"
+                else review_approvals(session, staged.dataset_ids))
+    request = ExportRequest(
+        user=requester, reason=reason, state="blocked" if verdict == "block" else "pending",
+        verdict=verdict, dataset_ids=list(staged.dataset_ids), approvals_required=required,
+        screen_report=staged.report,
+        screen_report_sha256=hashlib.sha256(staged.report.encode("utf-8")).hexdigest(),
+        screen_settings=staged.settings, created_at=now,
+    )
+    request.files = [
+        ExportFile(path=r["path"], sha256=staged.hashes[r["path"]][0],
+                   size=staged.hashes[r["path"]][1], verdict=r["verdict"],
+                   findings=r["findings"])
+        for r in staged.results
+    ]
+    session.add(request)
+    session.flush()  # the id names the quarantine folder
+    _publish(home, staged.staging.path, request.id)
+    _remove_if_rolled_back(session, home, request.id)
+    audit.append(
+        session, actor=staged.user, action="export.request", subject=_subject(request.id),
+        detail={
+            "user": staged.user, "reason": reason, "verdict": verdict, "state": request.state,
+            "datasets": list(staged.dataset_ids), "approvals_required": required,
+            "files": [{"path": f.path, "sha256": f.sha256, "verdict": f.verdict}
+                      for f in request.files],
+            "screen_report_sha256": request.screen_report_sha256,
+        },
+        time=now,
+    )
+    return request
+
+
+def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Iterable[str],
+                   reason: str, now: datetime | None = None) -> ExportRequest:
+    """Quarantine, hash and screen *paths* from *user*'s home; the new request.
+
+    Everything happens in *session*'s transaction, which the caller commits; on SQLite
+    that holds the database's write lock while the files are copied and screened.
+    :func:`submit_export` does the same without holding it.
+    """
+    now = _now(now)
+    _reason_text(reason)
+    _requester(session, user)
+    staged = stage_export(home, user=user, paths=paths,
+                          dataset_ids=live_grants(session, user, now))
+    try:
+        return record_export(session, home, staged, reason=reason, now=now)
+    finally:
+        staged.close()
+
+
+def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
+                  now: datetime | None = None, attempts: int = 3) -> int:
+    """:func:`request_export` in three steps: read the requester's grants, copy and screen
+    with no transaction open, then record; the new request's id (committed)."""
+    _reason_text(reason)
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    for attempt in range(attempts):
+        with store.session() as session:
+            _requester(session, user)
+            grants = live_grants(session, user, _now(now))
+        staged = stage_export(home, user=user, paths=paths, dataset_ids=grants)
+        try:
+            with store.session() as session:
+                return record_export(session, home, staged, reason=reason, now=now).id
+        except GrantsChanged:
+            if attempt == attempts - 1:
+                raise
+        finally:
+            staged.close()
+    raise AssertionError("unreachable")
+
+
+def _publish(home: MedZoneHome, staged: Path, request_id: int) -> None:
+    final = quarantine_dir(home, request_id)
+    if os.path.lexists(final):
+        # No committed row has this id (we hold the row it would clash with): a crash
+        # left it behind after the rename and before the commit. Nothing points to it.
+        _remove_tree(final)
+    os.chmod(staged, 0o700)
+    os.rename(staged, final)
+    os.chmod(final, DIR_MODE)
+    _fsync_dir(final.parent)
+
+
+def _remove_if_rolled_back(session: Session, home: MedZoneHome, request_id: int) -> None:
+    """Remove the published quarantine folder if *session*'s transaction rolls back."""
+    from sqlalchemy import event
+
+    settled = []
+
+    def on_commit(_session):
+        settled.append(True)
+
+    def on_rollback(_session, previous_transaction):
+        if not settled and previous_transaction.parent is None:
+            settled.append(False)
+            _remove_tree(quarantine_dir(home, request_id))
+
+    event.listen(session, "after_commit", on_commit)
+    event.listen(session, "after_soft_rollback", on_rollback)
+
+
+# --- read --------------------------------------------------------------------------------
+
+def get_request(session: Session, request_id: int, *, lock: bool = False) -> ExportRequest:
+    if isinstance(request_id, bool) or not isinstance(request_id, int):
+        raise InvalidInput(f"export request id must be a whole number, not {request_id!r}")
+    query = select(ExportRequest).where(ExportRequest.id == request_id)
+    if lock:
+        query = query.with_for_update(of=ExportRequest).execution_options(populate_existing=True)
+    request = session.scalar(query)
+    if request is None:
+        raise NotFound(f"export request {request_id} does not exist")
+    return request
+
+
+def approvals(request: ExportRequest) -> list[ExportReview]:
+    return [r for r in request.reviews if r.approve]
+
+
+def status(request: ExportRequest) -> dict[str, Any]:
+    """What ``medzone export status --json`` prints."""
+    return {
+        "id": request.id,
+        "user": request.user.name,
+        "reason": request.reason,
+        "state": request.state,
+        "verdict": request.verdict,
+        "datasets": list(request.dataset_ids or []),
+        "approvals_required": request.approvals_required,
+        "approvals": len(approvals(request)),
+        "created_at": audit.format_time(request.created_at),
+        "decided_at": request.decided_at and audit.format_time(request.decided_at),
+        "released_at": request.released_at and audit.format_time(request.released_at),
+        "screen_report_sha256": request.screen_report_sha256,
+        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "verdict": f.verdict}
+                  for f in request.files],
+        "reviews": [_review_dict(r) for r in request.reviews],
+    }
+
+
+def _review_dict(review: ExportReview) -> dict[str, Any]:
+    return {"reviewer": review.reviewer.name, "decision": "approve" if review.approve else "reject",
+            "comment": review.comment, "time": audit.format_time(review.created_at)}
+
+
+def screen_report(request: ExportRequest) -> dict[str, Any]:
+    return json.loads(request.screen_report)
+
+
+# --- review ------------------------------------------------------------------------------
+
+def _check_reviewer(session: Session, reviewer: str, request: ExportRequest) -> User:
+    account = get_user(session, reviewer)
+    if not account.approved:
+        raise RuleViolation(f"reviewer {reviewer!r} is not an approved user")
+    if account.id == request.user_id:
+        raise RuleViolation(f"{reviewer!r} may not review their own export request {request.id}")
+    if not (account.admin or account.has_role(ROLE_EXPORT_REVIEWER)):
+        raise RuleViolation(
+            f"{reviewer!r} may not review export requests: only admins and holders of the "
+            f"{ROLE_EXPORT_REVIEWER!r} role may")
+    return account
+
+
+def review_export(session: Session, request_id: int, *, reviewer: str, approve: bool,
+                  comment: str | None = None, now: datetime | None = None) -> ExportRequest:
+    """Record *reviewer*'s decision; the request becomes ``approved`` once enough distinct
+    reviewers approved it, ``rejected`` at the first rejection."""
+    now = _now(now)
+    request = get_request(session, request_id, lock=True)
+    account = _check_reviewer(session, reviewer, request)
+    if request.state == "blocked":
+        raise RuleViolation(
+            f"export request {request.id} was blocked by the screen and cannot be "
+            f"{'approved' if approve else 'reviewed'}: fix the files and file a new request")
+    if request.state != "pending":
+        raise Conflict(f"export request {request.id} is {request.state}: only pending requests "
+                       "can be reviewed")
+    if any(r.reviewer_id == account.id for r in request.reviews):
+        raise Conflict(f"{reviewer!r} has already reviewed export request {request.id}: "
+                       "another reviewer must decide")
+    comment = (comment or "").strip() or None
+    review = ExportReview(reviewer=account, approve=bool(approve), comment=comment, created_at=now)
+    request.reviews.append(review)
+    if not approve:
+        request.state = "rejected"
+        request.decided_at = now
+    elif len(approvals(request)) >= request.approvals_required:
+        request.state = "approved"
+        request.decided_at = now
+    session.flush()
+    audit.append(
+        session, actor=reviewer, action="export.approve" if approve else "export.reject",
+        subject=_subject(request.id),
+        detail={"user": request.user.name, "comment": comment, "state": request.state,
+                "approvals": len(approvals(request)),
+                "approvals_required": request.approvals_required,
+                "screen_report_sha256": request.screen_report_sha256},
+        time=now,
+    )
+    return request
+
+
+# --- release -----------------------------------------------------------------------------
+
+class TamperedQuarantine(RuleViolation):
+    """A quarantined file no longer has the hash recorded when it was requested."""
+
+    def __init__(self, message: str, *, request_id: int, user: str, paths: Sequence[str]):
+        super().__init__(message)
+        self.request_id, self.user, self.paths = request_id, user, list(paths)
+
+
+def check_quarantine(home: MedZoneHome, request: ExportRequest) -> list[str]:
+    """Paths whose quarantine copy is missing or differs from the recorded hash."""
+    files_root = quarantine_dir(home, request.id) / "files"
+    bad = []
+    for f in request.files:
+        path = files_root / f.path
+        try:
+            if path.is_symlink() or sha256_file(path) != f.sha256:
+                bad.append(f.path)
+        except OSError:
+            bad.append(f.path)
+    return bad
+
+
+def release_record(request: ExportRequest, *, released_at: datetime) -> dict[str, Any]:
+    return {
+        "format": "medzone-release",
+        "version": 1,
+        "request": request.id,
+        "user": request.user.name,
+        "reason": request.reason,
+        "requested_at": audit.format_time(request.created_at),
+        "approved_at": request.decided_at and audit.format_time(request.decided_at),
+        "released_at": audit.format_time(released_at),
+        "verdict": request.verdict,
+        "datasets": list(request.dataset_ids or []),
+        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "verdict": f.verdict}
+                  for f in request.files],
+        "screen_report_sha256": request.screen_report_sha256,
+        "screen_settings": request.screen_settings,
+        "approvals_required": request.approvals_required,
+        "reviews": [_review_dict(r) for r in request.reviews],
+    }
+
+
+def authorize_release(session: Session, home: MedZoneHome, request_id: int, *, user: str,
+                      now: datetime | None = None) -> tuple[ExportRequest, dict[str, Any]]:
+    """Check that *user* may take request *request_id* out now; audit the release.
+
+    Refuses anyone but the requester and anything not approved. Re-hashes every quarantine
+    file; on a mismatch raises :class:`TamperedQuarantine` after auditing the refusal in
+    its own committed transaction (the caller's session is left rolled back).
+    """
+    now = _now(now)
+    request = get_request(session, request_id, lock=True)
+    if request.user.name != user:
+        raise RuleViolation(f"only {request.user.name!r}, who requested export {request.id}, "
+                            "may download it")
+    if request.state not in ("approved", "released"):
+        raise RuleViolation(f"export request {request.id} is {request.state}: only approved "
+                            "requests can be downloaded")
+    bad = check_quarantine(home, request)
+    if bad:
+        raise TamperedQuarantine(
+            f"export request {request.id} refused: the quarantine copy of {bad[0]} no longer "
+            f"matches the hash recorded at request time" +
+            (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+            request_id=request.id, user=user, paths=bad)
+    first = request.state == "approved"
+    request.state = "released"
+    if first:
+        request.released_at = now
+    record = release_record(request, released_at=now)
+    audit.append(session, actor=user, action="export.release", subject=_subject(request.id),
+                 detail={"user": user, "first": first,
+                         "files": [{"path": f["path"], "sha256": f["sha256"]}
+                                   for f in record["files"]],
+                         "record_sha256": hashlib.sha256(
+                             audit.canonical_json(record).encode()).hexdigest()},
+                 time=now)
+    return request, record
+
+
+def record_tamper(session: Session, err: TamperedQuarantine, *,
+                  now: datetime | None = None) -> None:
+    """Audit a refused download (in a session of its own, so the refusal is kept)."""
+    audit.append(session, actor=err.user, action="export.tamper",
+                 subject=_subject(err.request_id),
+                 detail={"user": err.user, "paths": err.paths,
+                         "outcome": "download refused"}, time=_now(now))
+
+
+def write_release(home: MedZoneHome, request: ExportRequest, record: dict[str, Any],
+                  dest: Path) -> list[Path]:
+    """Write the quarantine bytes and ``release-<id>.json`` into *dest*; the paths written.
+
+    Bytes are hashed again while copying; each file is staged beside its final name and
+    renamed, so *dest* never holds a half-written file under a released name.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files_root = quarantine_dir(home, request.id) / "files"
+    written = []
+    staged: list[tuple[Path, Path]] = []
+    token = secrets.token_hex(4)
+    try:
+        for f in request.files:
+            final = dest / f.path
+            if os.path.lexists(final):
+                raise Conflict(f"{final} exists already: download into an empty folder")
+            tmp = final.with_name(f".{final.name}.{token}.partial")
+            staged.append((tmp, final))
+            digest, _size = _copy_file(files_root / f.path, tmp)
+            if digest != f.sha256:
+                raise TamperedQuarantine(
+                    f"the quarantine copy of {f.path} changed while it was copied: download "
+                    "refused", request_id=request.id, user=request.user.name, paths=[f.path])
+        record_path = dest / f"release-{request.id}.json"
+        if os.path.lexists(record_path):
+            raise Conflict(f"{record_path} exists already: download into an empty folder")
+        tmp = dest / f".release-{request.id}.json.{token}.partial"
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        staged.append((tmp, record_path))
+        for tmp, final in staged:
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+            written.append(final)
+        for folder in {final.parent for _tmp, final in staged}:
+            _fsync_dir(folder)
+    except BaseException:
+        for tmp, _final in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return written
+
+
+def release_export(store, home: MedZoneHome, request_id: int, *, user: str, dest: Path,
+                   now: datetime | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """Audit and then write the release of *request_id* into *dest* (``export download``).
+
+    The audit row is committed before a byte is written: a crash in between leaves an
+    audited release that the requester downloads again, never an unaudited one.
+    """
+    try:
+        with store.session() as session:
+            request, record = authorize_release(session, home, request_id, user=user, now=now)
+    except TamperedQuarantine as err:
+        with store.session() as session:
+            record_tamper(session, err, now=now)
+        raise
+    return record, write_release(home, request, record, dest)
+
+
+# --- show --------------------------------------------------------------------------------
+
+def notebook_diffs(home: MedZoneHome, request: ExportRequest) -> list[tuple[str, str]]:
+    """(notebook path, nbdime's pretty-printed diff against its template) for each executed
+    template among the request's files."""
+    import io
+
+    base = quarantine_dir(home, request.id)
+    out = []
+    for f in request.files:
+        if not f.path.endswith(".ipynb") or PurePosixPath(f.path).name == TEMPLATE_COPY:
+            continue
+        template = base / "templates" / PurePosixPath(f.path).parent / TEMPLATE_COPY
+        if not template.is_file():
+            continue
+        import nbformat
+        from nbdime import diff_notebooks
+        from nbdime.prettyprint import PrettyPrintConfig, pretty_print_diff
+
+        try:
+            a = nbformat.read(str(template), as_version=4)
+            b = nbformat.read(str(base / "files" / f.path), as_version=4)
+        except Exception as err:  # noqa: BLE001 - a broken notebook is the screen's finding
+            out.append((f.path, f"(cannot diff: {type(err).__name__}: {err})\n"))
+            continue
+        buffer = io.StringIO()
+        pretty_print_diff(a, diff_notebooks(a, b), "notebook",
+                          PrettyPrintConfig(out=buffer, use_color=False, use_git=False))
+        out.append((f.path, buffer.getvalue()))
+    return out
