@@ -184,15 +184,8 @@ def approve(
 ) -> AccessApplication:
     """Approve a pending application; the grant expires *days* (default: as requested) from now."""
     now = _now(now)
-    app = _get(session, application_id, lock=True)
-    _check_reviewer(session, reviewer, app)
-    _check_pending(app, now, "approved")
+    app = _decide(session, application_id, reviewer, "approved", reason, now)
     days = app.requested_days if days is None else _days(days)
-
-    app.status = "approved"
-    app.decided_by = reviewer
-    app.decided_at = now
-    app.decision_reason = _reason(reason)
     app.granted_days = days
     app.expires_at = now + timedelta(days=days)
     audit.append(
@@ -222,14 +215,7 @@ def reject(
 ) -> AccessApplication:
     """Reject a pending application."""
     now = _now(now)
-    app = _get(session, application_id, lock=True)
-    _check_reviewer(session, reviewer, app)
-    _check_pending(app, now, "rejected")
-
-    app.status = "rejected"
-    app.decided_by = reviewer
-    app.decided_at = now
-    app.decision_reason = _reason(reason)
+    app = _decide(session, application_id, reviewer, "rejected", reason, now)
     audit.append(
         session,
         actor=reviewer,
@@ -238,6 +224,19 @@ def reject(
         detail={"user": app.user.name, "datasets": app.dataset_ids, "reason": app.decision_reason},
         time=now,
     )
+    return app
+
+
+def _decide(session: Session, application_id: int, reviewer: str, status: str,
+            reason: str | None, now: datetime) -> AccessApplication:
+    """Lock a pending application, check *reviewer* may decide it and record the decision."""
+    app = _get(session, application_id, lock=True)
+    _check_reviewer(session, reviewer, app)
+    _check_pending(app, now, status)
+    app.status = status
+    app.decided_by = reviewer
+    app.decided_at = now
+    app.decision_reason = _reason(reason)
     return app
 
 
