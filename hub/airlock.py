@@ -13,6 +13,9 @@ and add no rules of their own. Life of an export request::
   datasets the requester holds live grants for. The row is inserted, the staged folder
   renamed to its final name and the audit row appended in one transaction, so a request row
   only ever points to a complete quarantine.
+- A request may carry a **disclosure-risk report** (:mod:`medzone_hub.risk_report`), a file
+  from the same home, quarantined, hashed, screened and released with the others. A request
+  holding model weights (the screen's ``model-weights`` rule) cannot be approved without one.
 - :func:`review_export`: reviewers hold the ``export-reviewer`` role (or are admins) and are
   never the requester. A ``pass`` request needs one approval, a ``review`` request
   :data:`DEFAULT_REVIEW_APPROVALS` distinct ones (per dataset: :func:`set_review_approvals`;
@@ -56,6 +59,7 @@ from .config import MedZoneHome
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
 from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, utcnow
 from .registry import get_dataset
+from .risk_report import parse_risk_report
 
 #: Approvals a ``review`` request needs unless its datasets say otherwise.
 DEFAULT_REVIEW_APPROVALS = 2
@@ -105,13 +109,14 @@ def _subject(request_id: int) -> str:
 
 # --- paths -------------------------------------------------------------------------------
 
-def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str]) -> list[str]:
+def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str], *,
+                          files_only: bool = False) -> list[str]:
     """The files named by *paths*, as POSIX paths relative to the user's home, sorted.
 
     A path is relative to the home, or absolute inside it (as the host sees it, or as the
     sandbox does: ``/home/<user>/…``). ``..`` components, anything whose real location is
     outside the home, and anything that is not a regular file or a folder are refused.
-    A folder stands for the regular files under it.
+    A folder stands for the regular files under it (with *files_only*, it is refused).
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -145,6 +150,8 @@ def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str]) -> l
             raise RuleViolation(f"refusing {raw!r}: it leads out of {user}'s home")
         if not os.path.lexists(candidate):
             raise NotFound(f"{raw!r} does not exist in {user}'s home")
+        if real.is_dir() and files_only:
+            raise InvalidInput(f"{raw!r} is a folder: name a single file")
         if real.is_dir():
             for dirpath, dirnames, filenames in os.walk(real):
                 dirnames.sort()
@@ -415,17 +422,26 @@ class StagedExport:
     report: str
     verdict: str
     staging: _Staging
+    #: Path (relative to the home, one of the files) of the disclosure-risk report, if any.
+    risk_report: str | None = None
 
     def close(self) -> None:
         self.staging.close()
 
 
 def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
-                 dataset_ids: Sequence[str]) -> StagedExport:
-    """Copy *paths* from *user*'s home into a sealed staging folder, hash and screen them
-    there with the indexes of *dataset_ids*. Touches no database."""
+                 dataset_ids: Sequence[str], risk_report: str | None = None) -> StagedExport:
+    """Copy *paths* (and the *risk_report* file, if given) from *user*'s home into a sealed
+    staging folder, hash and screen them there with the indexes of *dataset_ids*, and check
+    the report's form. Touches no database."""
     validate_user_name(user)
     rel_paths = resolve_request_paths(user_home(home, user), user, paths)
+    report_rel = None
+    if risk_report is not None:
+        (report_rel,) = resolve_request_paths(user_home(home, user), user, [risk_report],
+                                              files_only=True)
+        if report_rel not in rel_paths:
+            rel_paths = sorted([*rel_paths, report_rel])
     root = user_home(home, user).resolve()
     sweep_staging(home)
     staging = _Staging(home)
@@ -435,6 +451,9 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
         hashes: dict[str, tuple[str, int]] = {}
         for rel in rel_paths:
             hashes[rel] = _copy_file(root / rel, files_root / rel, inside=root)
+        if report_rel is not None:
+            # The quarantined copy is checked: the bytes reviewers read and that leave.
+            parse_risk_report(report_rel, (files_root / report_rel).read_bytes())
         # Diff bases for executed templates: the template copy next to each notebook.
         for rel in rel_paths:
             template = PurePosixPath(rel).parent / TEMPLATE_COPY
@@ -454,7 +473,8 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
         raise
     return StagedExport(user=user, dataset_ids=list(dataset_ids), results=results,
                         hashes=hashes, settings=settings, report=report,
-                        verdict=overall_verdict(r["verdict"] for r in results), staging=staging)
+                        verdict=overall_verdict(r["verdict"] for r in results), staging=staging,
+                        risk_report=report_rel)
 
 
 def _requester(session: Session, user: str) -> User:
@@ -467,7 +487,7 @@ def _requester(session: Session, user: str) -> User:
 def _reason_text(reason: str) -> str:
     reason = reason.strip() if isinstance(reason, str) else ""
     if not reason:
-        raise InvalidInput("give the reason for the export (--reason)")
+        raise InvalidInput("the reason for the export is empty: say why these files must leave")
     return reason
 
 
@@ -496,7 +516,7 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
         verdict=verdict, dataset_ids=list(staged.dataset_ids), approvals_required=required,
         screen_report=staged.report,
         screen_report_sha256=hashlib.sha256(staged.report.encode("utf-8")).hexdigest(),
-        screen_settings=staged.settings, created_at=now,
+        screen_settings=staged.settings, created_at=now, risk_report_path=staged.risk_report,
     )
     request.files = [
         ExportFile(path=r["path"], sha256=staged.hashes[r["path"]][0],
@@ -516,6 +536,8 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
             "files": [{"path": f.path, "sha256": f.sha256, "verdict": f.verdict}
                       for f in request.files],
             "screen_report_sha256": request.screen_report_sha256,
+            "model_weights": model_weight_paths(request),
+            "risk_report": _risk_report_dict(request),
         },
         time=now,
     )
@@ -523,7 +545,8 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
 
 
 def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Iterable[str],
-                   reason: str, now: datetime | None = None) -> ExportRequest:
+                   reason: str, risk_report: str | None = None,
+                   now: datetime | None = None) -> ExportRequest:
     """Quarantine, hash and screen *paths* from *user*'s home; the new request.
 
     Everything happens in *session*'s transaction, which the caller commits; on SQLite
@@ -534,7 +557,7 @@ def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Ite
     _reason_text(reason)
     _requester(session, user)
     staged = stage_export(home, user=user, paths=paths,
-                          dataset_ids=live_grants(session, user, now))
+                          dataset_ids=live_grants(session, user, now), risk_report=risk_report)
     try:
         return record_export(session, home, staged, reason=reason, now=now)
     finally:
@@ -542,7 +565,8 @@ def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Ite
 
 
 def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
-                  now: datetime | None = None, attempts: int = 3) -> int:
+                  risk_report: str | None = None, now: datetime | None = None,
+                  attempts: int = 3) -> int:
     """:func:`request_export` in three steps: read the requester's grants, copy and screen
     with no transaction open, then record; the new request's id (committed)."""
     _reason_text(reason)
@@ -551,7 +575,8 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
         with store.session() as session:
             _requester(session, user)
             grants = live_grants(session, user, _now(now))
-        staged = stage_export(home, user=user, paths=paths, dataset_ids=grants)
+        staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
+                              risk_report=risk_report)
         try:
             with store.session() as session:
                 return record_export(session, home, staged, reason=reason, now=now).id
@@ -611,6 +636,35 @@ def approvals(request: ExportRequest) -> list[ExportReview]:
     return [r for r in request.reviews if r.approve]
 
 
+def model_weight_paths(request: ExportRequest) -> list[str]:
+    """Paths of the request's files that the screen flagged as model weights."""
+    from .screen.model import RULE_MODEL_WEIGHTS
+
+    return [f.path for f in request.files
+            if any(finding.get("rule") == RULE_MODEL_WEIGHTS for finding in f.findings or ())]
+
+
+def risk_report_file(request: ExportRequest) -> ExportFile | None:
+    """The quarantined file that is the request's disclosure-risk report, if it has one."""
+    if not request.risk_report_path:
+        return None
+    return next((f for f in request.files if f.path == request.risk_report_path), None)
+
+
+def risk_report_text(home: MedZoneHome, request: ExportRequest) -> str | None:
+    """The quarantined report's text, as reviewers read it (checked as UTF-8 at request time)."""
+    report = risk_report_file(request)
+    if report is None:
+        return None
+    path = quarantine_dir(home, request.id) / "files" / report.path
+    return path.read_bytes().decode("utf-8-sig", errors="replace")
+
+
+def _risk_report_dict(request: ExportRequest) -> dict[str, Any] | None:
+    report = risk_report_file(request)
+    return report and {"path": report.path, "sha256": report.sha256, "size": report.size}
+
+
 def status(request: ExportRequest) -> dict[str, Any]:
     """What ``medzone export status --json`` prints."""
     return {
@@ -626,8 +680,10 @@ def status(request: ExportRequest) -> dict[str, Any]:
         "decided_at": request.decided_at and audit.format_time(request.decided_at),
         "released_at": request.released_at and audit.format_time(request.released_at),
         "screen_report_sha256": request.screen_report_sha256,
-        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "verdict": f.verdict}
-                  for f in request.files],
+        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "verdict": f.verdict,
+                   "findings": list(f.findings or [])} for f in request.files],
+        "model_weights": model_weight_paths(request),
+        "risk_report": _risk_report_dict(request),
         "reviews": [_review_dict(r) for r in request.reviews],
     }
 
@@ -642,6 +698,16 @@ def screen_report(request: ExportRequest) -> dict[str, Any]:
 
 
 # --- review ------------------------------------------------------------------------------
+
+class MissingRiskReport(RuleViolation):
+    """An approval of a request holding model weights without a disclosure-risk report."""
+
+    def __init__(self, message: str, *, request_id: int, user: str, reviewer: str,
+                 paths: Sequence[str]):
+        super().__init__(message)
+        self.request_id, self.user, self.reviewer = request_id, user, reviewer
+        self.paths = list(paths)
+
 
 def _check_reviewer(session: Session, reviewer: str, request: ExportRequest) -> User:
     account = get_user(session, reviewer)
@@ -659,7 +725,12 @@ def _check_reviewer(session: Session, reviewer: str, request: ExportRequest) -> 
 def review_export(session: Session, request_id: int, *, reviewer: str, approve: bool,
                   comment: str | None = None, now: datetime | None = None) -> ExportRequest:
     """Record *reviewer*'s decision; the request becomes ``approved`` once enough distinct
-    reviewers approved it, ``rejected`` at the first rejection."""
+    reviewers approved it, ``rejected`` at the first rejection.
+
+    Approving a request that holds model weights and no disclosure-risk report raises
+    :class:`MissingRiskReport` (:func:`decide_export` audits that refusal); rejecting it
+    is always possible.
+    """
     now = _now(now)
     request = get_request(session, request_id, lock=True)
     account = _check_reviewer(session, reviewer, request)
@@ -673,6 +744,14 @@ def review_export(session: Session, request_id: int, *, reviewer: str, approve: 
     if any(r.reviewer_id == account.id for r in request.reviews):
         raise Conflict(f"{reviewer!r} has already reviewed export request {request.id}: "
                        "another reviewer must decide")
+    weights = model_weight_paths(request)
+    if approve and weights and risk_report_file(request) is None:
+        raise MissingRiskReport(
+            f"export request {request.id} holds model weights ({weights[0]}"
+            + (f" and {len(weights) - 1} more" if len(weights) > 1 else "")
+            + ") and no disclosure-risk report: it cannot be approved; the requester must "
+            "file a new request with one attached",
+            request_id=request.id, user=request.user.name, reviewer=reviewer, paths=weights)
     comment = (comment or "").strip() or None
     review = ExportReview(reviewer=account, approve=bool(approve), comment=comment, created_at=now)
     request.reviews.append(review)
@@ -693,6 +772,31 @@ def review_export(session: Session, request_id: int, *, reviewer: str, approve: 
         time=now,
     )
     return request
+
+
+def record_refused_approval(session: Session, err: MissingRiskReport, *,
+                            now: datetime | None = None) -> None:
+    """Audit a refused approval (in a session of its own, so the refusal is kept)."""
+    audit.append(session, actor=err.reviewer, action="export.refuse",
+                 subject=_subject(err.request_id),
+                 detail={"user": err.user, "reviewer": err.reviewer,
+                         "outcome": "approval refused",
+                         "reason": "model weights without a disclosure-risk report",
+                         "paths": err.paths}, time=_now(now))
+
+
+def decide_export(store, request_id: int, *, reviewer: str, approve: bool,
+                  comment: str | None = None, now: datetime | None = None) -> ExportRequest:
+    """:func:`review_export` in its own transaction; an approval refused for a missing
+    disclosure-risk report is audited (``export.refuse``) before the error is raised."""
+    try:
+        with store.session() as session:
+            return review_export(session, request_id, reviewer=reviewer, approve=approve,
+                                 comment=comment, now=now)
+    except MissingRiskReport as err:
+        with store.session() as session:
+            record_refused_approval(session, err, now=now)
+        raise
 
 
 # --- release -----------------------------------------------------------------------------
@@ -733,6 +837,8 @@ def release_record(request: ExportRequest, *, released_at: datetime) -> dict[str
         "datasets": list(request.dataset_ids or []),
         "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "verdict": f.verdict}
                   for f in request.files],
+        "model_weights": model_weight_paths(request),
+        "risk_report": _risk_report_dict(request),
         "screen_report_sha256": request.screen_report_sha256,
         "screen_settings": request.screen_settings,
         "approvals_required": request.approvals_required,
@@ -756,6 +862,10 @@ def authorize_release(session: Session, home: MedZoneHome, request_id: int, *, u
     if request.state not in ("approved", "released"):
         raise RuleViolation(f"export request {request.id} is {request.state}: only approved "
                             "requests can be downloaded")
+    if model_weight_paths(request) and risk_report_file(request) is None:
+        # Approval already requires the report; this holds for rows approved before it did.
+        raise RuleViolation(f"export request {request.id} holds model weights and no "
+                            "disclosure-risk report: it cannot be released")
     bad = check_quarantine(home, request)
     if bad:
         raise TamperedQuarantine(

@@ -279,34 +279,42 @@ def cmd_export_screen(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_request(args, home: MedZoneHome) -> int:
-    from .airlock import submit_export
+    from .airlock import get_request, model_weight_paths, risk_report_file, submit_export
 
-    print(submit_export(_open_store(home), home, user=args.user, paths=args.paths,
-                        reason=args.reason))
+    store = _open_store(home)
+    request_id = submit_export(store, home, user=args.user, paths=args.paths,
+                               reason=args.reason, risk_report=args.risk_report)
+    print(request_id)
+    with store.session() as session:
+        request = get_request(session, request_id)
+        weights = model_weight_paths(request) if risk_report_file(request) is None else []
+    if weights:
+        print(f"medzone: note: request {request_id} holds model weights ({weights[0]}) and "
+              "no disclosure-risk report: it cannot be approved; request again with "
+              "--risk-report FILE", file=sys.stderr)
     return 0
 
 
 def cmd_export_review(args, home: MedZoneHome) -> int:
-    from .airlock import review_export
+    from .airlock import decide_export
 
-    with _open_store(home).session() as session:
-        request = review_export(session, args.id, reviewer=args.reviewer,
-                                approve=args.decision == "approve", comment=args.comment)
-        line = (f"export request {request.id}: {request.state} "
-                f"({sum(r.approve for r in request.reviews)} of {request.approvals_required} "
-                "approvals)")
-    print(line)
+    request = decide_export(_open_store(home), args.id, reviewer=args.reviewer,
+                            approve=args.decision == "approve", comment=args.comment)
+    print(f"export request {request.id}: {request.state} "
+          f"({sum(r.approve for r in request.reviews)} of {request.approvals_required} "
+          "approvals)")
     return 0
 
 
 def cmd_export_show(args, home: MedZoneHome) -> int:
-    from .airlock import get_request, notebook_diffs, screen_report, status
+    from .airlock import get_request, notebook_diffs, risk_report_text, screen_report, status
 
     with _open_store(home).session() as session:
         request = get_request(session, args.id)
         info = status(request)
         report = screen_report(request)
         diffs = notebook_diffs(home, request)
+        risk_text = risk_report_text(home, request)
     print(f"export request {info['id']} by {info['user']}: {info['state']}, screen verdict "
           f"{info['verdict']}, {info['approvals']} of {info['approvals_required']} approvals")
     print(f"reason: {info['reason']}")
@@ -317,6 +325,15 @@ def cmd_export_show(args, home: MedZoneHome) -> int:
         for finding in f["findings"]:
             print(f"  [{finding['severity']}] {finding['rule']} at {finding['location']}: "
                   f"{finding['detail']}")
+    risk = info["risk_report"]
+    if info["model_weights"] and not risk:
+        print(f"\nmodel weights ({', '.join(info['model_weights'])}) and no disclosure-risk "
+              "report: this request cannot be approved")
+    if risk:
+        print(f"\n--- disclosure-risk report {risk['path']} (sha256 {risk['sha256']}) ---")
+        # Shown as text, without terminal control sequences.
+        sys.stdout.write("".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd"
+                                 for ch in risk_text or "").rstrip("\n") + "\n")
     for review in info["reviews"]:
         print(f"\nreview: {review['reviewer']} {review['decision']} at {review['time']}"
               + (f": {review['comment']}" if review["comment"] else ""))
@@ -408,6 +425,9 @@ def _add_export_workflow(sub) -> None:
     req.add_argument("paths", nargs="+", metavar="PATH",
                      help="files or folders, relative to the home (or absolute inside it)")
     req.add_argument("--reason", required=True)
+    req.add_argument("--risk-report", metavar="FILE",
+                     help="disclosure-risk report (.md or .json, in the home; required before "
+                     "model weights can be approved, see docs/airlock.md)")
     req.set_defaults(func=cmd_export_request)
     rev = export.add_parser("review", help="approve or reject an export request")
     rev.add_argument("id", type=int)

@@ -284,6 +284,9 @@ class ExportRequest(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     decided_at: Mapped[datetime | None]
     released_at: Mapped[datetime | None]
+    #: Path of the file (one of ``files``) that is the requester's disclosure-risk report;
+    #: a request holding model weights cannot be approved without one.
+    risk_report_path: Mapped[str | None] = mapped_column(String(1024))
 
     user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
     files: Mapped[list[ExportFile]] = relationship(

@@ -2,7 +2,8 @@
 
 The screen's rules are tested in their own suite; these tests run the real screen on files
 whose verdicts are not in doubt: a PNG and a CSV of large counts pass, a CSV with a count
-of 3 needs review, and a file carrying a DICOM preamble is blocked.
+of 3 needs review, a file carrying a DICOM preamble is blocked, and an ONNX model is model
+weights (review, and a disclosure-risk report before it can be approved).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from medzone_hub import access, airlock, audit
 from medzone_hub.accounts import ROLE_EXPORT_REVIEWER, add_user
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 from medzone_hub.db import connect
-from medzone_hub.errors import Conflict, NotFound, RuleViolation
+from medzone_hub.errors import Conflict, InvalidInput, NotFound, RuleViolation
 from medzone_hub.models import ExportRequest
 
 from .fixtures import add_tiny_dataset
@@ -46,13 +47,37 @@ def write_files(root: Path) -> dict[str, Path]:
         "small_csv": root / "results" / "small.csv",
         "dicom": root / "results" / "leak.bin",
         "png": root / "results" / "roc.png",
+        "weights": root / "models" / "nodule.onnx",
+        "risk_md": root / "reports" / "risk.md",
     }
     files["clean_csv"].parent.mkdir(parents=True, exist_ok=True)
     files["clean_csv"].write_text("group,patients\ntreated,1200\ncontrol,1350\n")
     files["small_csv"].write_text("group,patients\ntreated,3\ncontrol,1350\n")
     files["dicom"].write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" * 8)
     write_png(files["png"])
+    files["weights"].parent.mkdir()
+    files["weights"].write_bytes(ONNX_MODEL)
+    files["risk_md"].parent.mkdir()
+    files["risk_md"].write_text(RISK_REPORT_MD)
     return files
+
+
+#: The head of an ONNX model (ir_version 7, producer "pytorch"): the screen's model weights.
+ONNX_MODEL = b"\x08\x07\x12\x07pytorch" + bytes(32)
+
+RISK_REPORT_MD = """# Disclosure-risk report
+## Model type
+2D DenseNet121 classifier of frontal chest X-rays (nodule / no nodule).
+## Training data
+The cxr-demo dataset, frontal views, one image per patient.
+## Cohort size
+480 patients
+## Memorisation and membership inference
+Twenty epochs with augmentation and early stopping; training and held-out loss stay close.
+The file holds weights only: no embeddings, images or per-patient outputs.
+## Intended use
+Fine-tuning on public data outside the zone, for teaching.
+"""
 
 
 class Airlock:
@@ -72,9 +97,11 @@ class Airlock:
         self.user_root.mkdir(parents=True)
         self.files = write_files(self.user_root)
 
-    def request(self, *paths, user="alice", reason="figures for the paper") -> int:
+    def request(self, *paths, user="alice", reason="figures for the paper",
+                risk_report=None) -> int:
         with self.store.session() as s:
-            return airlock.request_export(s, self.home, user=user, paths=paths, reason=reason).id
+            return airlock.request_export(s, self.home, user=user, paths=paths, reason=reason,
+                                          risk_report=risk_report).id
 
     def review(self, request_id, reviewer, approve=True, comment=None) -> str:
         with self.store.session() as s:
@@ -162,6 +189,75 @@ def test_review_verdict_needs_two_distinct_reviewers(any_backend):
         airlock.release_export(z.store, z.home, rid, user="alice", dest=z.home.root / "o")
     assert z.review(rid, "rev2") == "approved"
     assert z.verify().ok
+
+
+def test_model_weights_need_a_risk_report_before_approval_and_release(any_backend, tmp_path):
+    z = any_backend
+    bare = z.request("models/nodule.onnx")
+    request = z.get(bare)
+    assert (request.state, request.verdict) == ("pending", "review")
+    assert airlock.status(request)["model_weights"] == ["models/nodule.onnx"]
+    assert airlock.status(request)["risk_report"] is None
+    with pytest.raises(airlock.MissingRiskReport, match="no disclosure-risk report"):
+        airlock.decide_export(z.store, bare, reviewer="rev1", approve=True)
+    assert z.get(bare).reviews == [] and z.get(bare).state == "pending"
+    with z.store.session() as s:
+        refused = audit.events(s, subject=f"export:{bare}")
+    assert [e.action for e in refused] == ["export.request", "export.refuse"]
+    assert refused[-1].actor == "rev1" and refused[-1].detail["paths"] == ["models/nodule.onnx"]
+    assert z.review(bare, "rev1", approve=False) == "rejected"  # rejecting needs no report
+
+    rid = z.request("models/nodule.onnx", risk_report="/home/alice/reports/risk.md")
+    request = z.get(rid)
+    assert request.risk_report_path == "reports/risk.md"
+    report_hash = sha256(z.files["risk_md"])
+    assert {f.path: f.sha256 for f in request.files}["reports/risk.md"] == report_hash
+    assert {f.path: f.verdict for f in request.files} == {
+        "models/nodule.onnx": "review", "reports/risk.md": "pass"}  # screened too
+    assert airlock.risk_report_text(z.home, request) == RISK_REPORT_MD
+    assert z.review(rid, "rev1") == "pending"
+    assert airlock.decide_export(z.store, rid, reviewer="rev2", approve=True).state == "approved"
+    out = tmp_path / "out"
+    record, _written = airlock.release_export(z.store, z.home, rid, user="alice", dest=out)
+    assert (out / "reports" / "risk.md").read_bytes() == z.files["risk_md"].read_bytes()
+    assert (out / "models" / "nodule.onnx").read_bytes() == ONNX_MODEL
+    saved = json.loads((out / f"release-{rid}.json").read_text())
+    assert saved["risk_report"] == {"path": "reports/risk.md", "sha256": report_hash,
+                                    "size": len(RISK_REPORT_MD.encode())}
+    assert saved["model_weights"] == ["models/nodule.onnx"]
+    with z.store.session() as s:
+        (requested,) = [e for e in audit.events(s, subject=f"export:{rid}")
+                        if e.action == "export.request"]
+    assert requested.detail["risk_report"]["sha256"] == report_hash
+    assert z.verify().ok
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("risk.md", RISK_REPORT_MD.replace("## Intended use", "## Notes"), "'## Intended use'"),
+    ("risk.md", RISK_REPORT_MD.replace("480 patients", "most of them"), "cohort size"),
+    ("risk.json", json.dumps({"model_type": "unet", "cohort_size": 40}),
+     "training_data, memorisation, intended_use"),
+    ("risk.json", "{not json", "not valid JSON"),
+    ("risk.txt", RISK_REPORT_MD, ".md or .json"),
+])
+def test_a_risk_report_missing_a_field_is_refused_and_nothing_is_stored(zone, name, text,
+                                                                         message):
+    (zone.user_root / "reports" / name).write_text(text)
+    with pytest.raises(InvalidInput, match=message):
+        zone.request("models/nodule.onnx", risk_report=f"reports/{name}")
+    with zone.store.session() as s:
+        assert s.scalars(select(ExportRequest)).all() == []
+    assert list(airlock.staging_dir(zone.home).iterdir()) == []
+
+
+def test_a_json_risk_report_counts_and_folders_are_refused(zone):
+    (zone.user_root / "reports" / "risk.json").write_text(json.dumps({
+        "model_type": "3D UNet", "training_data": "ct-demo", "cohort_size": 120,
+        "memorisation": "patch-based training", "intended_use": "segmentation"}))
+    rid = zone.request("models", risk_report="reports/risk.json")
+    assert airlock.status(zone.get(rid))["risk_report"]["path"] == "reports/risk.json"
+    with pytest.raises(InvalidInput, match="is a folder"):
+        zone.request("models", risk_report="reports")
 
 
 def test_self_review_is_refused_even_for_a_reviewer(zone):
@@ -477,6 +573,30 @@ def test_cli_faces(zone, tmp_path):
     assert "BLOCK" in shown.stdout and "results/leak.bin" in shown.stdout
     result = cli.run("export", "status", 999, "--json")
     assert result.returncode == 1 and result.stdout == ""
+
+
+def test_cli_risk_report(zone):
+    cli = KillableCLI(zone.home.root)
+    result = cli.run("export", "request", "--user", "alice", "models/nodule.onnx",
+                     "--reason", "share the model")
+    assert result.returncode == 0 and "no disclosure-risk report" in result.stderr
+    bare = int(result.stdout)
+    result = cli.run("export", "review", bare, "--reviewer", "rev1", "--approve")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "holds model weights (models/nodule.onnx) and no disclosure-risk report" in result.stderr
+    assert zone.audit_actions()[-1] == "export.refuse"
+    assert "cannot be approved" in cli.run("export", "show", bare).stdout
+
+    result = cli.run("export", "request", "--user", "alice", "models/nodule.onnx",
+                     "--reason", "share the model", "--risk-report", "reports/risk.md")
+    assert result.returncode == 0 and result.stderr == ""
+    rid = int(result.stdout)
+    shown = cli.run("export", "show", rid).stdout
+    report_hash = sha256(zone.files["risk_md"])
+    assert f"disclosure-risk report reports/risk.md (sha256 {report_hash})" in shown
+    assert "480 patients" in shown
+    assert status_json(cli, rid)["risk_report"]["path"] == "reports/risk.md"
+    audit_verifies(cli)
 
 
 # --- with the real screen and a real dataset's index -------------------------------------
