@@ -10,6 +10,7 @@
       proxy-api.sock               the proxy's REST API (no TCP port at all)
       proxy.pid, proxy.log         the proxy process, which outlives hub restarts
       jupyterhub.log
+      portal_cookie_secret   0600  the portal's (medzone_hub.portal, a hub-managed service)
     run/                     0755
       hub/                   0755  hub.sock: the hub API; bound read-only into sandboxes
     homes/<name>/.medzone/   0700  jupyter.sock: that user's server (see medzone_hub.spawner)
@@ -43,6 +44,8 @@ from .errors import Conflict, InvalidInput, MedZoneError
 #: Environment the config file reads (set by :func:`run_hub`).
 ENV_HUB_IP = "MEDZONE_HUB_IP"
 ENV_HUB_PORT = "MEDZONE_HUB_PORT"
+#: The config file the hub runs with; the portal service reads its spawner settings.
+ENV_HUB_CONFIG = "MEDZONE_HUB_CONFIG"
 
 DEFAULT_IP = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -314,7 +317,9 @@ def start_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PO
     """Start the proxy (if needed) and the hub process; the hub's :class:`Popen`."""
     paths = prepare_state(home)
     ensure_proxy(home, ip=ip, port=port)
-    return subprocess.Popen(hub_command(config_file, extra_args), env=hub_env(home, ip=ip, port=port),
+    env = hub_env(home, ip=ip, port=port)
+    env[ENV_HUB_CONFIG] = str(Path(config_file or DEFAULT_CONFIG).resolve())
+    return subprocess.Popen(hub_command(config_file, extra_args), env=env,
                             cwd=str(paths.state_dir), stdout=stdout, stderr=stderr)
 
 

@@ -78,3 +78,55 @@ c.JupyterHub.allow_named_servers = False
 # Ask spawners often whether their server still runs (and still may: a grant that ended
 # stops it at the next poll).
 c.SafeZoneSpawner.poll_interval = 15
+
+# --- export requests from notebooks (medzone_kernel.export) ----------------------------
+# POST /hub/api/medzone/exports, GET /hub/api/medzone/exports/<id> (medzone_hub.hub_api).
+# JupyterHub logs that extra_handlers is deprecated in favour of services; a service
+# would listen elsewhere, and a sandbox can reach nothing but the hub's socket, so the
+# endpoints must live in the hub itself.
+from medzone_hub.hub_api import api_handlers  # noqa: E402
+
+c.JupyterHub.extra_handlers = api_handlers(home)
+
+# --- the MedZone portal (web pages for applicants, stewards and reviewers) ----------------
+# A hub-managed service at /services/medzone-portal/ (see medzone_hub.portal and
+# docs/portal.md). People log in to it through the hub (OAuth, no consent page). Which
+# pages they see comes from the roles in MedZone's store (data-steward, export-reviewer),
+# the same roles the service functions check on every decision, so there is one place a
+# role is given or taken away. The portal reads this config file (the hub passes its
+# path as MEDZONE_HUB_CONFIG) for the SafeZoneSpawner settings: a template run from the
+# portal gets the same sandbox as the user's server.
+import sys  # noqa: E402
+
+from medzone_hub.hubapp import DEFAULT_CONFIG, ENV_HUB_CONFIG  # noqa: E402
+from medzone_hub.portal import HUB_TEMPLATES, SERVICE_NAME as PORTAL  # noqa: E402
+
+portal_port = int(os.environ.get("MEDZONE_PORTAL_PORT", port + 1))
+portal_env = {"MEDZONE_HOME": str(home.root)}
+if os.environ.get("MEDZONE_DB_URL"):
+    portal_env["MEDZONE_DB_URL"] = os.environ["MEDZONE_DB_URL"]
+c.JupyterHub.services = [
+    *(c.JupyterHub.services if "services" in c.JupyterHub else []),
+    {
+        "name": PORTAL,
+        "url": f"http://127.0.0.1:{portal_port}",
+        "command": [sys.executable, "-m", "medzone_hub.portal",
+                    "--hub-config", os.environ.get(ENV_HUB_CONFIG, str(DEFAULT_CONFIG))],
+        "environment": portal_env,
+        "oauth_no_confirm": True,
+        "display": True,
+    },
+]
+# Every user may log in to the portal; the pages themselves check store roles.
+c.JupyterHub.extra_user_scopes = {
+    *(c.JupyterHub.extra_user_scopes if "extra_user_scopes" in c.JupyterHub else ()),
+    f"access:services!service={PORTAL}",
+}
+# The hub's home page links to the portal (hub_templates/home.html extends the default).
+c.JupyterHub.template_paths = [
+    HUB_TEMPLATES, *(c.JupyterHub.template_paths if "template_paths" in c.JupyterHub else []),
+]
+c.JupyterHub.template_vars = {
+    **(c.JupyterHub.template_vars if "template_vars" in c.JupyterHub else {}),
+    "medzone_portal_url": f"/services/{PORTAL}/",
+}

@@ -8,6 +8,7 @@ The MONAI glue (``LoadCTVolumed``, ``LoadXRayd``, ``ct_items``, ``xray_items``) 
 first use, so ``import medzone_kernel`` stays quick where torch is not needed.
 """
 
+from . import export
 from .cache import VolumeCache, default_cache
 from .datasets import (
     Dataset,
@@ -45,7 +46,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CTVolume", "Dataset", "DatasetError", "ImagingError", "LoadCTVolumed", "LoadXRayd",
+    "CTVolume", "Dataset", "DatasetError", "ImagingError", "export", "LoadCTVolumed", "LoadXRayd",
     "SeriesRef", "VolumeCache", "WINDOW_PRESETS", "XRayImage", "ct_items", "default_cache",
     "granted_datasets", "load_ct_volume", "load_mask", "load_xray", "open_dataset",
     "window_hu", "xray_items",

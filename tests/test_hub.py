@@ -1,8 +1,9 @@
 """The hub end to end: real JupyterHub 6, the real npm proxy, real bubblewrap sandboxes.
 
-One hub per test worker (module fixture) on a free 127.0.0.1 port, its MEDZONE_HOME in a
-0755 folder under /tmp (sandbox uids must traverse it). All traffic goes to loopback.
-Each test uses its own user, so the tests do not depend on their order.
+One hub per test worker (module fixture, see tests/hub_harness.py) on a free 127.0.0.1
+port, its MEDZONE_HOME in a 0755 folder under /tmp (sandbox uids must traverse it). All
+traffic goes to loopback. Each test uses its own user, so the tests do not depend on their
+order.
 """
 
 from __future__ import annotations
@@ -10,14 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -26,13 +22,22 @@ import requests
 pytest.importorskip("nativeauthenticator")
 websocket = pytest.importorskip("websocket")
 
-from medzone_hub import access, accounts, registry  # noqa: E402
+from medzone_hub import access, accounts  # noqa: E402
 from medzone_hub.authenticator import set_password  # noqa: E402
-from medzone_hub.config import MedZoneHome  # noqa: E402
-from medzone_hub.db import connect  # noqa: E402
-from medzone_hub.hubapp import HubPaths, proxy_command, proxy_pid, start_hub, stop_proxy  # noqa: E402
+from medzone_hub.hubapp import HubPaths, proxy_command, proxy_pid  # noqa: E402
 from medzone_hub.sandbox import build_policy, ensure_home  # noqa: E402
-from medzone_hub.models import AuditEvent  # noqa: E402
+
+from .hub_harness import (  # noqa: E402
+    DATASET,
+    PASSWORD,
+    Hub,
+    running_hub,
+)
+from .hub_harness import login as _login  # noqa: E402
+from .hub_harness import processes_of_uid as _processes_of_uid  # noqa: E402
+from .hub_harness import run_code as _run_code  # noqa: E402
+from .hub_harness import wait_for as _wait_for  # noqa: E402
+from .hub_harness import xsrf_from as _xsrf_from  # noqa: E402
 
 if shutil.which("bwrap") is None:
     pytest.skip("bubblewrap is not installed", allow_module_level=True)
@@ -42,231 +47,14 @@ except Exception as err:  # noqa: BLE001
     pytest.fail(f"{err}", pytrace=False)
 
 PROBE = Path(__file__).with_name("sandbox_probe.py").read_text()
-DATASET = "demo-ct"
 OTHER_DATASET = "other-ct"
 SECRET_TEXT = "granted data for the kernel\n"
-PASSWORD = "a-long-test-password-7"
-#: How often the test hub polls servers (the default is 15 s; the property is the same).
-POLL_INTERVAL = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Hub:
-    def __init__(self, base: Path):
-        self.base = base
-        self.home = MedZoneHome(base / "home").ensure()
-        self.store = connect(self.home.db_url)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.token = secrets.token_hex(24)
-        self.uid_base = 300000 + secrets.randbelow(500) * 1000
-        self.config = base / "test_jupyterhub_config.py"
-        self.config.write_text(
-            "from medzone_hub.hubapp import DEFAULT_CONFIG\n"
-            "load_subconfig(str(DEFAULT_CONFIG))\n"
-            f"c.JupyterHub.services = [{{'name': 'test-admin', 'api_token': {self.token!r}}}]\n"
-            "c.JupyterHub.load_roles = [{'name': 'test-admin', 'services': ['test-admin'],\n"
-            "    'scopes': ['admin:users', 'admin:servers', 'admin:server_state', 'tokens',\n"
-            "               'access:servers', 'read:users', 'proxy']}]\n"
-            f"c.SafeZoneSpawner.uid_base = {self.uid_base}\n"
-            f"c.SafeZoneSpawner.poll_interval = {POLL_INTERVAL}\n"
-            "c.SafeZoneSpawner.poll_jitter = 0\n"
-        )
-        self.log_path = base / "hub.log"
-        self.proc: subprocess.Popen | None = None
-
-    # processes ----------------------------------------------------------------------
-
-    def start(self):
-        log = open(self.log_path, "ab")
-        self.proc = start_hub(self.home, port=self.port, config_file=self.config,
-                              stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"hub exited:\n{self.log()}"
-            try:
-                if requests.get(self.url + "/hub/api/", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"hub did not come up:\n{self.log()}")
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    # API ----------------------------------------------------------------------------
-
-    def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        headers = {"Authorization": f"token {self.token}", **kwargs.pop("headers", {})}
-        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers,
-                                timeout=60, **kwargs)
-
-    def add_store_user(self, name: str, *, approved=True, admin=False, grant=(DATASET,)):
-        with self.store.session() as session:
-            accounts.add_user(session, name, approved=approved, admin=admin, actor="test")
-        if grant:
-            with self.store.session() as session:
-                app_id = access.apply(session, user=name, dataset_ids=list(grant),
-                                      purpose="hub test").id
-            with self.store.session() as session:
-                access.approve(session, app_id, reviewer="steward")
-            return app_id
-        return None
-
-    def spawn(self, name: str) -> requests.Response:
-        self.api("POST", f"/users/{name}")
-        r = self.api("POST", f"/users/{name}/server")
-        if r.status_code == 202:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                model = self.api("GET", f"/users/{name}").json()
-                if model["servers"].get("", {}).get("ready"):
-                    break
-                time.sleep(0.2)
-        return r
-
-    def server_state(self, name: str) -> dict:
-        model = self.api("GET", f"/users/{name}").json()
-        server = model["servers"].get("")
-        return server.get("state", {}) if server else {}
-
-    def user_token(self, name: str) -> str:
-        r = self.api("POST", f"/users/{name}/tokens", json={"note": "test"})
-        assert r.status_code == 201, r.text
-        return r.json()["token"]
-
-    def user_api(self, name: str, token: str, method: str, path: str, **kw):
-        headers = {"Authorization": f"token {token}", **kw.pop("headers", {})}
-        return requests.request(method, f"{self.url}/user/{name}{path}", headers=headers,
-                                timeout=60, allow_redirects=False, **kw)
-
-    def audit(self, action: str) -> list[AuditEvent]:
-        from sqlalchemy import select
-
-        with self.store.session() as session:
-            return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
-
-    def user_uid(self, name: str) -> int:
-        with self.store.session() as session:
-            return self.uid_base + accounts.get_user(session, name).id
-
-
-def _processes_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                st = os.stat(f"/proc/{entry}")
-            except OSError:
-                continue
-            if st.st_uid == uid:
-                pids.append(int(entry))
-    return pids
-
-
-def _wait_for(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
 def hub():
-    base = Path(tempfile.mkdtemp(prefix="mzhub-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    h = Hub(base)
-    for dataset_id, text in ((DATASET, SECRET_TEXT), (OTHER_DATASET, "not granted\n")):
-        data = h.home.dataset_dir(dataset_id) / "data"
-        data.mkdir(parents=True)
-        (data / "readme.txt").write_text(text)
-        for p in (h.home.datasets_dir, h.home.dataset_dir(dataset_id), data):
-            os.chmod(p, 0o755)
-        with h.store.session() as session:
-            registry.register_dataset(
-                session, dataset_id=dataset_id, title=dataset_id, manifest_sha256="0" * 64,
-                deidentified=True, n_files=1, n_bytes=len(text), n_patients=1,
-                modalities=["CT"], actor="test")
-    with h.store.session() as session:
-        accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
-    try:
-        h.start()
+    with running_hub({DATASET: SECRET_TEXT, OTHER_DATASET: "not granted\n"}) as h:
         yield h
-    finally:
-        try:
-            if h.proc is not None and h.proc.poll() is None:
-                for name in [u["name"] for u in h.api("GET", "/users").json()]:
-                    h.api("DELETE", f"/users/{name}/server")
-        except Exception:  # noqa: BLE001
-            pass
-        h.stop()
-        stop_proxy(h.home)
-        for uid in range(h.uid_base, h.uid_base + 50):
-            for pid in _processes_of_uid(uid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        h.store.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _run_code(hub: Hub, name: str, token: str, code: str, timeout: float = 120) -> str:
-    """Start a kernel through the proxy, run *code*, return its stdout (and stop it)."""
-    r = hub.user_api(name, token, "POST", "/api/kernels", json={})
-    assert r.status_code == 201, r.text
-    kernel = r.json()
-    assert kernel["name"] == "medzone"
-    ws_url = f"ws://127.0.0.1:{hub.port}/user/{name}/api/kernels/{kernel['id']}/channels"
-    ws = websocket.create_connection(ws_url, header=[f"Authorization: token {token}"],
-                                     timeout=timeout)
-    try:
-        msg_id = uuid.uuid4().hex
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": name, "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False},
-        }))
-        out, errors = [], []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = json.loads(ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["msg_type"]
-            if kind == "stream":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                errors.append("\n".join(msg["content"]["traceback"]))
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        assert not errors, errors
-        return "".join(out)
-    finally:
-        ws.close()
-        hub.user_api(name, token, "DELETE", f"/api/kernels/{kernel['id']}")
 
 
 # --- end to end ----------------------------------------------------------------------
@@ -443,22 +231,6 @@ def test_revoked_grant_stops_running_server_and_next_spawn_does_not_mount_it(hub
 
 
 # --- accounts: sign-up, approval as a POST with XSRF, login --------------------------
-
-def _xsrf_from(html: str) -> str:
-    match = re.search(r'name="_xsrf" value="([^"]+)"', html)
-    assert match, html[:2000]
-    return match.group(1)
-
-
-def _login(hub: Hub, name: str, password: str) -> requests.Session:
-    s = requests.Session()
-    page = s.get(f"{hub.url}/hub/login", timeout=30)
-    r = s.post(f"{hub.url}/hub/login", data={
-        "username": name, "password": password, "_xsrf": _xsrf_from(page.text)},
-        timeout=30, allow_redirects=False)
-    s.login_response = r
-    return s
-
 
 def _store_approved(hub: Hub, name: str) -> bool | None:
     with hub.store.session() as session:

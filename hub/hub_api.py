@@ -1,0 +1,136 @@
+"""Export requests through the hub API: what ``medzone_kernel.export`` talks to.
+
+A sandbox has no network: the only thing its processes can reach is the hub's unix socket
+(see :mod:`medzone_hub.spawner`). So the endpoints live in the hub itself, registered with
+``JupyterHub.extra_handlers`` (JupyterHub prefixes them with ``/hub``)::
+
+    POST /hub/api/medzone/exports        {"paths": [...], "reason": "...", "risk_report": "..."}
+                                          → 201 and the request's status (id, state, files with
+                                            their screen verdicts and findings)
+    GET  /hub/api/medzone/exports/<id>    → 200 and the request's status
+
+The requester is the owner of the token, never something the body says: a user requests
+only from their own home. The token must also reach that user's own server
+(``access:servers!server=<user>/``), as the server's ``JUPYTERHUB_API_TOKEN`` and the
+user's own full tokens do: whoever can reach the server can run a kernel there and so
+request an export anyway, while tokens issued for narrower purposes (activity, reading the
+user model) cannot. Both endpoints call the airlock's service functions
+(:func:`medzone_hub.airlock.submit_export`, :func:`~medzone_hub.airlock.status`); no rule
+lives here. A refusal is a JSON error with the airlock's one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from jupyterhub.apihandlers import APIHandler
+from tornado import web
+
+from . import airlock
+from .config import MedZoneHome, resolve_home
+from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+
+#: Keys a request body may have.
+REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
+
+_STATUS = ((NotFound, 404), (RuleViolation, 403), (Conflict, 409), (InvalidInput, 400),
+           (MedZoneError, 400))
+
+
+def _http_error(err: MedZoneError) -> web.HTTPError:
+    code = next(code for kind, code in _STATUS if isinstance(err, kind))
+    return web.HTTPError(code, str(err))
+
+
+class _MedZoneAPIHandler(APIHandler):
+    def initialize(self, medzone_home: str):
+        self.medzone_home = resolve_home(medzone_home)
+
+    @property
+    def store(self):
+        from .spawner import _store_for  # one engine per database in the hub process
+
+        return _store_for(self.medzone_home)
+
+    def requester(self) -> str:
+        """The name of the user the token belongs to, if it may act in that user's server."""
+        user = self.current_user
+        if user is None:
+            raise web.HTTPError(403, "Missing or invalid credentials.")
+        if getattr(user, "kind", None) != "user":
+            raise web.HTTPError(403, "export requests are made with a user's token, not a "
+                                     "service's")
+        if not self.has_scope(f"access:servers!server={user.name}/"):
+            raise web.HTTPError(403, f"this token may not act in {user.name}'s server, so it "
+                                     "may not request exports")
+        return user.name
+
+    async def run(self, func, *args, **kwargs):
+        """Call a (blocking) airlock function in a thread; its refusals become HTTP errors."""
+        try:
+            return await asyncio.to_thread(func, *args, **kwargs)
+        except MedZoneError as err:
+            raise _http_error(err) from None
+
+    def _status(self, request_id: int, user: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            request = airlock.get_request(session, request_id)
+            if request.user.name != user:
+                # Someone else's request: answer as if it did not exist.
+                raise NotFound(f"export request {request_id} does not exist")
+            return airlock.status(request)
+
+
+class ExportsHandler(_MedZoneAPIHandler):
+    """``POST /hub/api/medzone/exports``: request an export from the token owner's home."""
+
+    async def post(self):
+        user = self.requester()
+        body = self.get_json_body()
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, 'send a JSON object: {"paths": [...], "reason": "..."}')
+        if "user" in body:
+            raise web.HTTPError(400, "the requester is the token's owner: remove 'user' from "
+                                     "the request")
+        unknown = sorted(set(body) - REQUEST_KEYS)
+        if unknown:
+            raise web.HTTPError(400, f"unknown key {unknown[0]!r}: expected "
+                                     f"{', '.join(sorted(REQUEST_KEYS))}")
+        paths = body.get("paths")
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise web.HTTPError(400, "'paths' must be a list of paths in your home")
+        reason = body.get("reason")
+        if not isinstance(reason, str):
+            raise web.HTTPError(400, "give the reason for the export ('reason')")
+        risk_report = body.get("risk_report")
+        if risk_report is not None and not isinstance(risk_report, str):
+            raise web.HTTPError(400, "'risk_report' must be the path of one file in your home")
+        request_id = await self.run(airlock.submit_export, self.store, self.medzone_home,
+                                    user=user, paths=paths, reason=reason,
+                                    risk_report=risk_report)
+        self.log.info("export request %s by %s through the hub API", request_id, user)
+        info = await self.run(self._status, request_id, user)
+        self.set_status(201)
+        self.set_header("Location", f"{self.request.path.rstrip('/')}/{request_id}")
+        self.write(info)
+
+
+class ExportHandler(_MedZoneAPIHandler):
+    """``GET /hub/api/medzone/exports/<id>``: the status of one of the token owner's requests."""
+
+    async def get(self, request_id: str):
+        user = self.requester()
+        self.write(await self.run(self._status, int(request_id), user))
+
+
+def api_handlers(home: str | MedZoneHome | None = None) -> list[tuple]:
+    """The handlers to give ``JupyterHub.extra_handlers`` for the store under *home*."""
+    root = str(home.root if isinstance(home, MedZoneHome) else resolve_home(home).root)
+    kwargs = {"medzone_home": root}
+    return [
+        (r"/api/medzone/exports/?", ExportsHandler, kwargs),
+        (r"/api/medzone/exports/(\d{1,18})/?", ExportHandler, kwargs),
+    ]

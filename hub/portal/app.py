@@ -1,0 +1,171 @@
+"""The portal's Tornado application, as JupyterHub starts it (``python -m medzone_hub.portal``).
+
+JupyterHub runs it as a managed service and hands it, in the environment, its URL
+(``JUPYTERHUB_SERVICE_URL``), its prefix (``JUPYTERHUB_SERVICE_PREFIX``) and the OAuth
+client settings. MedZone's settings come from the same JupyterHub config file the hub
+runs with (``--hub-config``, which the hub passes on): the store and home from
+``MEDZONE_HOME``/``MEDZONE_DB_URL``, and the sandbox settings from the ``SafeZoneSpawner``
+section, so a template run from the portal gets exactly the sandbox the user's server gets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from tornado import ioloop, web
+from traitlets import Integer, Unicode, default
+from traitlets.config import Application
+
+from ..config import MedZoneHome, resolve_home
+from . import SERVICE_NAME
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Portal:
+    """What the handlers share: the zone, the sandbox settings, the templates, the runs."""
+
+    home: MedZoneHome
+    store: object
+    prefix: str  # "/services/medzone-portal/"
+    hub_prefix: str  # "/hub/"
+    base_url: str  # "/": the hub's public base URL (servers are at <base>user/<name>/)
+    templates: Environment
+    sandbox_config: object = None
+    templates_dir: str | None = None
+    page_size: int = 25
+    runs: object = field(default=None)
+
+
+def jinja_env() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(HERE / "templates")),
+                      autoescape=select_autoescape(["html"]), trim_blocks=True,
+                      lstrip_blocks=True)
+    env.filters["size"] = human_size
+    return env
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def handlers(prefix: str) -> list:
+    from jupyterhub.services.auth import HubOAuthCallbackHandler
+
+    from . import access_pages, audit_page, export_pages, run_pages
+
+    routes = [
+        (r"oauth_callback", HubOAuthCallbackHandler),
+        (r"static/(.*)", web.StaticFileHandler, {"path": str(HERE / "static")}),
+        (r"", access_pages.IndexHandler),
+        *access_pages.ROUTES,
+        *run_pages.ROUTES,
+        *export_pages.ROUTES,
+        *audit_page.ROUTES,
+    ]
+    return [(prefix + pattern, *rest) for pattern, *rest in routes]
+
+
+def cookie_secret(home: MedZoneHome) -> bytes:
+    """The portal's cookie secret, kept (0600) beside the hub's so logins survive restarts."""
+    from ..hubapp import prepare_state
+
+    path = prepare_state(home).state_dir / "portal_cookie_secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return bytes.fromhex(path.read_text().strip())
+
+
+def sandbox_config_from(config):
+    """The :class:`~medzone_hub.sandbox.SandboxConfig` the hub's spawner uses, from the
+    hub's config (its ``SafeZoneSpawner`` section)."""
+    from ..spawner import SafeZoneSpawner
+
+    return SafeZoneSpawner(config=config).sandbox_config()
+
+
+class PortalApp(Application):
+    """``python -m medzone_hub.portal``: serve the portal where JupyterHub says."""
+
+    name = "medzone-portal"
+    description = "MedZone's web pages, run by JupyterHub as a hub-managed service."
+
+    hub_config = Unicode(
+        "", config=True,
+        help="The JupyterHub config file the hub runs with. The portal reads it too: its "
+             "PortalApp section, and its SafeZoneSpawner settings, so template runs get the "
+             "same sandbox as servers.")
+    medzone_home = Unicode(
+        "", config=True, help="MEDZONE_HOME (default: $MEDZONE_HOME or ~/.medzone).")
+    templates_dir = Unicode(
+        "", config=True,
+        help="Folder of papermill templates offered on the run page (default: the project's "
+             "templates/).")
+    page_size = Integer(25, config=True, help="Rows per page of long lists.")
+    service_url = Unicode(config=True, help="Where to listen (default: $JUPYTERHUB_SERVICE_URL).")
+
+    @default("service_url")
+    def _service_url(self):
+        return os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8001")
+
+    aliases = {
+        "hub-config": "PortalApp.hub_config",
+        "home": "PortalApp.medzone_home",
+        "templates-dir": "PortalApp.templates_dir",
+        "page-size": "PortalApp.page_size",
+    }
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.hub_config:
+            # One config file for the hub and its portal; the command line still wins.
+            self.load_config_file(self.hub_config)
+            self.update_config(self.cli_config)
+
+    def make_app(self) -> web.Application:
+        from ..db import connect
+        from .run_pages import RunTracker
+
+        home = resolve_home(self.medzone_home or None).ensure()
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
+        base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
+        portal = Portal(home=home, store=connect(home.db_url), prefix=prefix,
+                        hub_prefix=base_url + "hub/", base_url=base_url, templates=jinja_env(),
+                        sandbox_config=sandbox_config_from(self.config),
+                        templates_dir=self.templates_dir or None, page_size=self.page_size)
+        portal.runs = RunTracker(portal)
+        return web.Application(
+            handlers(prefix), portal=portal, cookie_secret=cookie_secret(home),
+            xsrf_cookies=True, static_url_prefix=prefix + "static/",
+            login_url=None,  # HubOAuthenticated sends people to the hub's login
+        )
+
+    def start(self):
+        url = urlparse(self.service_url)
+        app = self.make_app()
+        app.listen(url.port or 80, address=url.hostname or "127.0.0.1", xheaders=True)
+        self.log.info("MedZone portal at %s (public prefix %s)", self.service_url,
+                      app.settings["portal"].prefix)
+        ioloop.IOLoop.current().start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    app = PortalApp()
+    app.initialize(argv if argv is not None else sys.argv[1:])
+    app.start()
+    return 0

@@ -1,0 +1,361 @@
+"""The whole story in a real browser (Debian's Chromium driven by playwright) against a real
+hub: sign up → an admin approves the account → log in → apply for a dataset → a steward
+approves → start the server → run a template from the form → request export of its output
+→ the requester cannot approve → two reviewers approve → the requester downloads exactly
+the reviewed bytes. Plus role checks (403) and XSRF from the browser.
+
+Every page is photographed into ``docs/screenshots/`` (1280×800, and two at 375×800): the
+README shows them. The run uses a tiny template (written below, next to copies of the real
+ones) so the story stays quick; tests/test_templates.py runs the real templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytest.importorskip("nativeauthenticator")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from medzone_hub import access, accounts, airlock  # noqa: E402
+from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.hubapp import proxy_command  # noqa: E402
+from medzone_hub.runner import TEMPLATES_DIR  # noqa: E402
+
+from .hub_harness import PASSWORD, add_dataset, running_hub, wait_for  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+if shutil.which("bwrap") is None:
+    pytest.skip("bubblewrap is not installed", allow_module_level=True)
+if not Path(CHROMIUM).exists():
+    pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/install does)",
+                pytrace=False)
+try:
+    proxy_command()
+except Exception as err:  # noqa: BLE001
+    pytest.fail(f"{err}", pytrace=False)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "screenshots"
+WIDE = {"width": 1280, "height": 800}
+NARROW = {"width": 375, "height": 800}
+DATASET = "chest-ct"
+STUDENT = "sam"
+TEMPLATE = "cohort_counts"
+#: Generous limits for a busy 2-core machine (waits end as soon as the page is ready).
+SLOW_MS = 180_000
+
+
+def tiny_template(path: Path) -> None:
+    """A template that takes a few seconds: counts per group (small counts, so the screen
+    asks for review) as a CSV table and a PNG figure."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(
+            "# Cohort counts\n\nCounts a granted dataset's records per group and draws them.\n"
+            "Writes `counts.csv` and `figure.png` into the run folder.\n"),
+        nbformat.v4.new_code_cell(
+            'dataset = ""\ngroups = 3\nlabel = "group"\ndraw = True\n',
+            metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import csv, os\nfrom pathlib import Path\n\n"
+            'root = Path("/data") / (dataset or sorted(os.listdir("/data"))[0])\n'
+            'print((root / "readme.txt").read_text().strip())\n'
+            'counts = [(f"{label}-{i + 1}", i + 2) for i in range(groups)]\n'
+            'with open("counts.csv", "w", newline="") as f:\n'
+            "    writer = csv.writer(f)\n"
+            '    writer.writerow(["group", "records"])\n'
+            "    writer.writerows(counts)\n"
+            "counts"),
+        nbformat.v4.new_code_cell(
+            "if draw:\n"
+            "    from PIL import Image, ImageDraw\n"
+            '    image = Image.new("RGB", (360, 220), "white")\n'
+            "    pen = ImageDraw.Draw(image)\n"
+            "    for i, (_, n) in enumerate(counts):\n"
+            "        pen.rectangle([30 + i * 100, 200 - n * 30, 100 + i * 100, 200], "
+            "fill=(31, 95, 191))\n"
+            '    image.save("figure.png")'),
+    ]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture(scope="module")
+def templates_dir():
+    folder = Path(tempfile.mkdtemp(prefix="mzportal-templates-", dir="/tmp"))
+    folder.chmod(0o755)
+    for template in TEMPLATES_DIR.glob("*.ipynb"):
+        shutil.copy(template, folder / template.name)
+    tiny_template(folder / f"{TEMPLATE}.ipynb")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _setup(hub):
+    add_dataset(hub, "knee-mr", "knee MR demo\n", title="Knee MR (demo)", n_patients=12,
+                modalities=["MR"])
+    # What the catalog reads from an ingested dataset's manifest: its series and images.
+    manifest = hub.home.dataset_dir(DATASET) / "manifest.json"
+    manifest.write_text(json.dumps({"series": [{"modality": "CT", "images": 120},
+                                               {"modality": "CT", "images": 98}]}))
+    with hub.store.session() as session:
+        accounts.add_user(session, "boss", admin=True, actor="test")
+        accounts.add_user(session, "stew", roles=["data-steward"], actor="test")
+        accounts.add_user(session, "rita", roles=["export-reviewer"], actor="test")
+        accounts.add_user(session, "ray", roles=["export-reviewer"], actor="test")
+        # Earlier history for the steward's and the catalog's pages.
+        accounts.add_user(session, "kim", actor="test")
+    with hub.store.session() as session:
+        app = access.apply(session, user="kim", dataset_ids=["knee-mr"],
+                           purpose="cartilage thickness course project", days=30)
+        session.flush()
+        access.approve(session, app.id, reviewer="stew")
+    for name in ("boss", "stew", "rita", "ray"):
+        set_password(hub.home, name, PASSWORD, actor="test")
+
+
+@pytest.fixture(scope="module")
+def hub(templates_dir):
+    extra = f"c.PortalApp.templates_dir = {str(templates_dir)!r}\n"
+    with running_hub({DATASET: "chest CT demo cohort\n"}, setup=_setup,
+                     extra_config=extra) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM)
+        yield b
+        b.close()
+
+
+class Person:
+    """One person's browser (a context of their own: their own cookies)."""
+
+    def __init__(self, browser, hub, name: str, viewport=WIDE):
+        self.hub, self.name = hub, name
+        self.context = browser.new_context(viewport=viewport, accept_downloads=True)
+        self.context.set_default_timeout(60_000)
+        self.page = self.context.new_page()
+
+    def login(self):
+        page = self.page
+        page.goto(f"{self.hub.url}/hub/login")
+        page.fill("#username_input", self.name)
+        page.fill("#password_input", PASSWORD)
+        page.click("#login_submit")
+        page.wait_for_url(lambda url: "/hub/login" not in url)
+        return self
+
+    def wait_for_url(self, pattern: str, **kw):
+        """Wait for *pattern*; on a timeout, fail with what the page says instead."""
+        try:
+            self.page.wait_for_url(pattern, **kw)
+        except sync_api.TimeoutError:
+            raise AssertionError(f"{self.page.url}:\n{self.page.inner_text('main')}\n"
+                                 f"{self.hub.log()}") from None
+
+    def portal(self, path: str = ""):
+        self.page.goto(self.hub.portal_url + path)
+        return self.page
+
+    def shot(self, name: str, *, full_page: bool = True):
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+
+    def close(self):
+        self.context.close()
+
+
+def _store(hub, fn):
+    with hub.store.session() as session:
+        return fn(session)
+
+
+def test_the_whole_story_in_a_browser(hub, browser):
+    # --- sign up; an admin approves the account -------------------------------------------
+    sam = Person(browser, hub, STUDENT)
+    page = sam.page
+    page.goto(f"{hub.url}/hub/signup")
+    page.fill("#username_input", STUDENT)
+    page.fill("#password_input", PASSWORD)
+    page.fill("#password_confirmation_input", PASSWORD)
+    sam.shot("01-sign-up")
+    page.click("#signup_submit")
+    page.wait_for_selector("text=sent to the admin")
+    assert _store(hub, lambda s: accounts.get_user(s, STUDENT).approved) is False
+
+    boss = Person(browser, hub, "boss").login()
+    boss.page.goto(f"{hub.url}/hub/authorize")
+    boss.shot("02-accounts-to-approve")
+    boss.page.click(f"tr#{STUDENT} button[value=approve]")
+    boss.wait_for_url("**/hub/authorize*")
+    assert _store(hub, lambda s: accounts.get_user(s, STUDENT).approved) is True
+    boss.close()
+
+    # --- log in; the hub's home links to the portal ---------------------------------------
+    sam.login()
+    page.goto(f"{hub.url}/hub/home")
+    sam.shot("03-hub-home", full_page=False)
+    page.click("#medzone-portal-link")
+    sam.wait_for_url("**/services/medzone-portal/catalog")
+    row = page.locator(f"#dataset-{DATASET}")
+    assert row.locator("[data-label=Series]").inner_text() == "2"
+    assert row.locator("[data-label=Images]").inner_text() == "218"
+    sam.shot("04-catalog")
+
+    # --- apply; a steward approves ----------------------------------------------------------
+    page.click(f"#dataset-{DATASET} a.button")
+    page.fill("#purpose", "Lung nodule counts for my MSc thesis (supervisor: Dr. Lee)")
+    page.fill("#days", "60")
+    sam.shot("05-apply")
+    page.click("form button[type=submit]")
+    sam.wait_for_url("**/access?applied=*")
+    sam.shot("06-my-access-pending")
+    (app,) = _store(hub, lambda s: access.list_applications(s, user=STUDENT))
+    assert app.state == "pending" and app.requested_days == 60
+
+    # Role pages refuse the student.
+    assert sam.portal("steward") is page and "403" in page.title()
+    sam.shot("17-forbidden-without-role", full_page=False)
+    for path in ("review", "audit"):
+        response = page.goto(hub.portal_url + path)
+        assert response.status == 403, path
+
+    stew = Person(browser, hub, "stew").login()
+    stew.portal("steward")
+    card = stew.page.locator(f"#application-{app.id}")
+    assert "kim" not in card.inner_text()  # the history shown is the applicant's own
+    stew.shot("07-steward-queue")
+    card.locator("input[name=days]").fill("45")
+    card.locator("button:has-text('Approve')").click()
+    stew.wait_for_url("**/steward?done=*")
+    assert _store(hub, lambda s: access.live_grants(s, STUDENT)) == [DATASET]
+    stew.close()
+    sam.portal("access")
+    assert page.locator(f"#application-{app.id} .state-approved").is_visible()
+    sam.shot("06-my-access")
+
+    # --- start the server -------------------------------------------------------------------
+    page.goto(f"{hub.url}/hub/spawn", wait_until="commit")
+    page.wait_for_url(f"**/user/{STUDENT}/lab**", timeout=SLOW_MS, wait_until="commit")
+    assert hub.api("GET", f"/users/{STUDENT}").json()["servers"][""]["ready"]
+
+    # --- run a template from the form -----------------------------------------------------
+    sam.portal("run")
+    sam.shot("08-run-templates")
+    page.click(f"a[href$='run/{TEMPLATE}']")
+    assert page.locator("#p-dataset option").all_inner_texts() == [
+        "(the one dataset granted)", DATASET]  # only granted datasets are offered
+    page.select_option("#p-dataset", DATASET)
+    page.fill("#p-groups", "3")
+    page.fill("#p-label", "site")
+    sam.shot("09-run-form")
+    page.click("form.params button[type=submit]")
+    sam.wait_for_url("**/runs/*")
+    try:
+        page.wait_for_selector("#run-done:not([hidden]), #run-error:not([hidden])",
+                               timeout=SLOW_MS)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"{page.inner_text('main')}\n{hub.log()}") from None
+    assert page.inner_text("#run-state") == "ok", page.inner_text("#run-error")
+    assert page.inner_text("#run-cells").startswith("cell 4 of 4")
+    sam.shot("10-run-finished")
+    notebook = page.inner_text("#run-notebook")
+    assert notebook.startswith("runs/") and notebook.endswith(f"{TEMPLATE}.ipynb")
+    link = page.get_attribute("#run-notebook", "href")
+    assert link == f"/user/{STUDENT}/lab/tree/{notebook}"
+    # The link's notebook is there in the person's own server (its contents API).
+    contents = page.request.get(f"{hub.url}/user/{STUDENT}/api/contents/{notebook}?content=0")
+    assert contents.status == 200 and contents.json()["type"] == "notebook"
+    run_dir = hub.home.root / "homes" / STUDENT / Path(notebook).parent
+    params = json.loads((run_dir / "parameters.json").read_text())
+    assert params == {"dataset": DATASET, "groups": 3, "label": "site", "draw": True}
+
+    # --- request export of its output -------------------------------------------------------
+    page.click("#run-export")
+    sam.wait_for_url("**/exports?path=*")
+    rel = Path(notebook).parent.as_posix()
+    for name in (f"{TEMPLATE}.ipynb", "counts.csv", "figure.png"):
+        box = page.locator(f"input[name=path][value='{rel}/{name}']")
+        box.check()
+        assert box.is_checked()
+    page.fill("#reason", "Figure and table for chapter 3 of my thesis")
+    sam.shot("11-my-exports")
+    page.click("form button:has-text('Request export')")
+    sam.wait_for_url("**/exports/*")
+    request_id = int(page.url.rsplit("/", 1)[1])
+    sam.shot("12-export-pending")
+    request = _store(hub, lambda s: airlock.status(airlock.get_request(s, request_id)))
+    assert request["verdict"] == "review" and request["approvals_required"] == 2
+    assert request["state"] == "pending"
+
+    # --- the requester cannot approve; two reviewers approve ------------------------------
+    response = page.goto(hub.portal_url + f"review/{request_id}")
+    assert response.status == 403
+    # A forged POST from the browser without the XSRF token changes nothing either.
+    forged = page.request.post(hub.portal_url + f"review/{request_id}",
+                               form={"decision": "approve"}, max_redirects=0)
+    assert forged.status == 403
+    assert _store(hub, lambda s: airlock.get_request(s, request_id).reviews) == []
+
+    for i, name in enumerate(("rita", "ray")):
+        reviewer = Person(browser, hub, name).login()
+        reviewer.portal("review")
+        assert reviewer.page.locator(f"#request-{request_id}").is_visible()
+        if i == 0:
+            reviewer.shot("13-review-queue")
+        reviewer.page.click(f"#request-{request_id} a")
+        review = reviewer.page
+        assert review.locator("table.findings >> text=small-counts").first.is_visible()
+        assert review.locator("pre.diff").first.is_visible()  # nbdime diff of the notebook
+        image = review.locator("img.preview")
+        assert image.evaluate("img => img.decode().then(() => img.naturalWidth)") == 360
+        if i == 0:
+            reviewer.shot("14-review")
+        review.fill("#comment", f"Counts are small but aggregate; fine ({name})")
+        review.click("button[value=approve]")
+        reviewer.wait_for_url(f"**/review/{request_id}")
+        if i == 1:
+            reviewer.portal("audit?q=export")
+            assert "Hash chain intact" in reviewer.page.inner_text("#chain")
+            reviewer.shot("16-audit")
+            narrow = Person(browser, hub, name, viewport=NARROW).login()
+            narrow.portal(f"review/{request_id}")
+            narrow.shot("narrow-review", full_page=False)
+            narrow.close()
+        reviewer.close()
+    assert _store(hub, lambda s: airlock.get_request(s, request_id).state) == "approved"
+
+    # --- the requester downloads exactly the reviewed bytes ---------------------------------
+    sam.portal(f"exports/{request_id}")
+    sam.shot("15-export-approved")
+    quarantine = airlock.quarantine_dir(hub.home, request_id) / "files"
+    files = {f["path"]: f["sha256"] for f in request["files"]}
+    for name in ("counts.csv", "figure.png"):
+        path = f"{rel}/{name}"
+        row = page.locator("tr", has=page.locator(f"input[value='{path}']"))
+        with page.expect_download() as info:
+            row.locator("button.download").click()
+        saved = Path(info.value.path()).read_bytes()
+        assert saved == (quarantine / path).read_bytes() == (run_dir / name).read_bytes()
+        assert hashlib.sha256(saved).hexdigest() == files[path]
+    assert _store(hub, lambda s: airlock.get_request(s, request_id).state) == "released"
+
+    # A narrow screen: the catalog as a phone shows it.
+    phone = Person(browser, hub, STUDENT, viewport=NARROW).login()
+    phone.portal("catalog")
+    assert phone.page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    phone.shot("narrow-catalog", full_page=False)
+    phone.close()
+    sam.close()
+    wait_for(lambda: hub.api("DELETE", f"/users/{STUDENT}/server").status_code in (202, 204), 30)
