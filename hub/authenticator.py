@@ -1,8 +1,9 @@
 """Accounts at the hub: NativeAuthenticator made to work with JupyterHub 6, tied to MedZone's store.
 
-People sign up at ``/hub/signup``; an admin approves them at ``/hub/authorize``; only then
-can they log in and spawn. :class:`MedZoneAuthenticator` is
-``nativeauthenticator.NativeAuthenticator`` (1.3.0) with this compatibility layer:
+People sign up at ``/hub/signup``; an admin or a data steward approves them at
+``/hub/authorize`` or in the portal's steward queue; only then can they log in and spawn.
+:class:`MedZoneAuthenticator` is ``nativeauthenticator.NativeAuthenticator`` (1.3.0) with
+this compatibility layer:
 
 * **Login works on JupyterHub 6.** NativeAuthenticator's ``LoginHandler.post`` times the
   login with ``self.statsd``, which JupyterHub 6.0 removed, so every login failed with
@@ -15,6 +16,10 @@ can they log in and spawn. :class:`MedZoneAuthenticator` is
   carrying JupyterHub's ``_xsrf`` token, which JupyterHub checks on every cookie-
   authenticated POST. Each decision is one row of MedZone's audit log
   (``user.approve``, ``user.unapprove``, ``user.discard``).
+* **One rule for who decides sign-ups.** :func:`decide_account` is the one place: approved
+  admins and data stewards (the people who already decide who reaches data) may approve or
+  discard sign-ups, nobody decides about their own account, and only an admin withdraws an
+  admin's approval. The hub's page and the portal's steward queue both call it.
 * **MedZone's store is the source of truth.** A sign-up creates an *unapproved* account in
   the store (so the name is taken there too); approving it in the hub approves it in the
   store, in the same step. Login requires a valid password **and** an approved account in
@@ -49,15 +54,9 @@ from traitlets import Bool, Unicode, default
 
 from . import accounts, audit
 from .config import MedZoneHome, resolve_home
-from .errors import InvalidInput, RuleViolation
+from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .models import User
 
-try:
-    from jupyterhub.scopes import needs_scope
-
-    _admin_users_scope = needs_scope("admin:users")
-except ImportError:  # pragma: no cover - JupyterHub < 2
-    from jupyterhub.utils import admin_only as _admin_users_scope
 
 #: Actor recorded for a sign-up (the person is not yet anyone the zone trusts).
 SIGNUP_ACTOR = "hub:signup"
@@ -68,7 +67,7 @@ DEFAULT_MIN_PASSWORD_LENGTH = 8
 
 # --- the store side (plain functions, usable from the CLI and tests) -----------------
 
-def approve_account(session, name: str, *, actor: str) -> User:
+def approve_account(session, name: str, *, actor: str, via: str = "hub") -> User:
     """Approve *name* in the store (creating an approved account if there is none)."""
     account = session.scalar(select(User).where(User.name == name))
     if account is None:
@@ -76,22 +75,23 @@ def approve_account(session, name: str, *, actor: str) -> User:
     if not account.approved:
         account.approved = True
         audit.append(session, actor=actor, action="user.approve", subject=f"user:{name}",
-                     detail={"via": "hub"})
+                     detail={"via": via})
     return account
 
 
-def unapprove_account(session, name: str, *, actor: str) -> User | None:
+def unapprove_account(session, name: str, *, actor: str, via: str = "hub") -> User | None:
     """Withdraw *name*'s approval in the store: no login, no spawn, no grants mounted."""
     account = session.scalar(select(User).where(User.name == name))
     if account is not None and account.approved:
         account.approved = False
         audit.append(session, actor=actor, action="user.unapprove", subject=f"user:{name}",
-                     detail={"via": "hub"})
+                     detail={"via": via})
     return account
 
 
-def _hub_db(home: MedZoneHome):
-    """A session on the hub's own database, creating it the way JupyterHub would."""
+def hub_db_factory(home: MedZoneHome):
+    """Sessions on the hub's own database (where NativeAuthenticator keeps sign-ups and
+    passwords), creating it the way JupyterHub would: for code outside the hub process."""
     from jupyterhub import orm as hub_orm
 
     from .hubapp import prepare_state
@@ -99,7 +99,77 @@ def _hub_db(home: MedZoneHome):
     paths = prepare_state(home)
     factory = hub_orm.new_session_factory(f"sqlite:///{paths.db_path}")
     paths.db_path.chmod(0o600)
-    return factory()
+    return factory
+
+
+def _hub_db(home: MedZoneHome):
+    return hub_db_factory(home)()
+
+
+#: What can be decided about a sign-up.
+ACCOUNT_ACTIONS = ("approve", "unapprove", "discard")
+
+
+def check_account_decider(session, name: str) -> User:
+    """*name*'s store account if it may decide sign-ups, else :class:`RuleViolation`.
+
+    Approved admins and data stewards may: stewards already decide who reaches which data,
+    and approving an account grants no data (that is an access application).
+    """
+    account = session.scalar(select(User).where(User.name == name))
+    if account is None or not account.approved:
+        raise RuleViolation(f"{name!r} is not an approved user")
+    if not (account.admin or account.has_role(accounts.ROLE_DATA_STEWARD)):
+        raise RuleViolation(f"{name!r} may not decide accounts: only admins and "
+                            f"{accounts.ROLE_DATA_STEWARD}s may")
+    return account
+
+
+def decide_account(session, hub_db, name: str, action: str, *, decider: str,
+                   actor: str | None = None, via: str = "hub") -> UserInfo | None:
+    """Approve, withdraw the approval of, or discard the account *name*: in the store and
+    in NativeAuthenticator's sign-up table (*hub_db*, committed here) in one step.
+
+    *decider* must pass :func:`check_account_decider` and may not decide about their own
+    account; withdrawing an admin's approval needs an admin. *actor* is what the audit
+    log records (default: *decider*). Returns the sign-up row (``None`` where there is
+    none, e.g. an account made with ``medzone user add``; discarding needs one).
+    """
+    if action not in ACCOUNT_ACTIONS:
+        raise InvalidInput(f"unknown action {action!r} (one of {', '.join(ACCOUNT_ACTIONS)})")
+    me = check_account_decider(session, decider)
+    if name == decider:
+        raise RuleViolation(f"{decider!r} may not decide about their own account")
+    account = session.scalar(select(User).where(User.name == name))
+    # Read the row afresh: another process (the hub, the portal) may have changed it.
+    info = (hub_db.query(UserInfo).filter(UserInfo.username == name)
+            .populate_existing().first())
+    if account is None and info is None:
+        raise NotFound(f"no account or sign-up named {name!r}")
+    actor = actor or decider
+    if action == "discard":
+        if info is None:
+            raise NotFound(f"no sign-up named {name!r}")
+        if info.is_authorized or (account is not None and account.approved):
+            raise Conflict("withdraw the approval before discarding an account")
+        audit.append(session, actor=actor, action="user.discard", subject=f"user:{name}",
+                     detail={"in_store": account is not None, "via": via})
+        hub_db.delete(info)
+        # The store keeps the (unapproved) account: its name stays taken and its audit
+        # rows keep a subject.
+    elif action == "approve":
+        approve_account(session, name, actor=actor, via=via)
+        if info is not None:
+            info.is_authorized = True
+    else:
+        if account is not None and account.admin and not me.admin:
+            raise RuleViolation(f"only an admin may withdraw the approval of admin {name!r}")
+        unapprove_account(session, name, actor=actor, via=via)
+        if info is not None:
+            info.is_authorized = False
+    session.flush()  # a store refusal (e.g. a constraint) stops before the hub changes
+    hub_db.commit()
+    return None if action == "discard" else info
 
 
 def set_password(home: MedZoneHome, name: str, password: str, *, actor: str,
@@ -220,45 +290,63 @@ class LoginHandler(native_handlers.LoginHandler):
         self.finish(html)
 
 
-class AuthorizationAreaHandler(_MedZoneTemplates):
+class _AccountsHandler(_MedZoneTemplates):
+    """What the accounts pages share: :func:`decide_account`'s rule, with its refusals as
+    HTTP errors (one line)."""
+
+    def check_decider(self) -> None:
+        from .hub_api import _http_error
+
+        try:
+            with self.authenticator.store.session() as session:
+                check_account_decider(session, self.current_user.name)
+        except MedZoneError as err:
+            raise _http_error(err) from None
+
+    def decide(self, name: str, action: str) -> UserInfo | None:
+        from .hub_api import _http_error
+
+        try:
+            with self.authenticator.store.session() as session:
+                return decide_account(session, self.db, name, action,
+                                      decider=self.current_user.name,
+                                      actor=f"hub:{self.current_user.name}", via="hub")
+        except MedZoneError as err:
+            self.db.rollback()
+            raise _http_error(err) from None
+
+
+class AuthorizationAreaHandler(_AccountsHandler):
     """``GET /hub/authorize``: the accounts page, with POST forms carrying ``_xsrf``."""
 
-    @_admin_users_scope
+    @web.authenticated
     async def get(self):
+        self.check_decider()
         html = await self.render_template(
             AUTHORIZATION_TEMPLATE,
             ask_email=self.authenticator.ask_email_on_signup,
-            users=UserInfo.all_users(self.db),
+            users=self.db.query(UserInfo).populate_existing().all(),
         )
         self.finish(html)
 
 
-class _StateChangingHandler(native_handlers.LocalBase):
+class _StateChangingHandler(_AccountsHandler):
     """GET changes nothing (405); POST is checked for XSRF by JupyterHub before it runs."""
 
     async def get(self, slug):
         raise web.HTTPError(405, "use POST (with the _xsrf token) to change an account")
 
-    def _actor(self) -> str:
-        return f"hub:{self.current_user.name}"
-
 
 class ToggleAuthorizationHandler(_StateChangingHandler):
     """``POST /hub/authorize/<name>`` with ``action=approve`` (default) or ``unapprove``."""
 
-    @_admin_users_scope
+    @web.authenticated
     async def post(self, slug):
         action = self.get_body_argument("action", "approve")
         if action not in ("approve", "unapprove"):
             raise web.HTTPError(400, f"unknown action {action!r}")
-        info = UserInfo.find(self.db, slug)
-        if info is None:
-            raise web.HTTPError(404, f"no sign-up named {slug!r}")
-        approve = action == "approve"
-        await self.authenticator.record_approval(slug, approve=approve, actor=self._actor())
-        info.is_authorized = approve
-        self.db.commit()
-        if not approve:
+        self.decide(slug, action)
+        if action == "unapprove":
             user = self.find_user(slug)
             if user is not None and user.running:
                 await self.stop_single_user(user)
@@ -268,18 +356,9 @@ class ToggleAuthorizationHandler(_StateChangingHandler):
 class DiscardHandler(_StateChangingHandler):
     """``POST /hub/discard/<name>``: delete an unapproved sign-up."""
 
-    @_admin_users_scope
+    @web.authenticated
     async def post(self, slug):
-        info = UserInfo.find(self.db, slug)
-        if info is None:
-            raise web.HTTPError(404, f"no sign-up named {slug!r}")
-        if info.is_authorized:
-            raise web.HTTPError(409, "withdraw the approval before discarding an account")
-        await self.authenticator.record_discard(slug, actor=self._actor())
-        self.db.delete(info)
-        self.db.commit()
-        # The store keeps the (unapproved) account: its name stays taken and its audit
-        # rows keep a subject.
+        self.decide(slug, "discard")
         self.redirect(self.hub.base_url + "authorize")
 
 
@@ -346,25 +425,14 @@ class MedZoneAuthenticator(NativeAuthenticator):
                 return None
             return account.approved, account.admin
 
-    async def record_approval(self, name: str, *, approve: bool, actor: str) -> None:
-        def run():
-            with self.store.session() as session:
-                if approve:
-                    approve_account(session, name, actor=actor)
-                else:
-                    unapprove_account(session, name, actor=actor)
-        await asyncio.to_thread(run)
-
-    async def record_discard(self, name: str, *, actor: str) -> None:
-        def run():
-            with self.store.session() as session:
-                account = session.scalar(select(User).where(User.name == name))
-                audit.append(session, actor=actor, action="user.discard",
-                             subject=f"user:{name}",
-                             detail={"in_store": account is not None})
-        await asyncio.to_thread(run)
-
     # JupyterHub hooks ----------------------------------------------------------------
+
+    def get_user(self, username):
+        # The portal and `medzone user password` change sign-ups from other processes, and
+        # the hub's session keeps rows across commits (expire_on_commit=False): read afresh.
+        return (self.db.query(UserInfo)
+                .filter(UserInfo.username == self.normalize_username(username))
+                .populate_existing().first())
 
     async def authenticate(self, handler, data):
         name = await super().authenticate(handler, data)
@@ -422,4 +490,5 @@ class MedZoneAuthenticator(NativeAuthenticator):
         ]
 
 
-__all__ = ["MedZoneAuthenticator", "approve_account", "unapprove_account", "set_password"]
+__all__ = ["ACCOUNT_ACTIONS", "MedZoneAuthenticator", "approve_account", "check_account_decider",
+           "decide_account", "hub_db_factory", "set_password", "unapprove_account"]

@@ -29,13 +29,42 @@ import websocket
 from medzone_hub import access, accounts, registry
 from medzone_hub.config import MedZoneHome
 from medzone_hub.db import connect
-from medzone_hub.hubapp import start_hub, stop_proxy
+from medzone_hub.hubapp import proxy_command, start_hub, stop_proxy
 from medzone_hub.models import AuditEvent
 
 PASSWORD = "a-long-test-password-7"
 #: How often the test hub polls servers (the default is 15 s; the property is the same).
 POLL_INTERVAL = 2
 DATASET = "demo-ct"
+
+
+def require_hub_tools(*, browser: str | None = None) -> None:
+    """Fail, never skip, when something the installer (.ci/install) provides is missing:
+    a green run must mean the hub, the sandboxes (and the browser) were really tested.
+    Call at module level; *browser* is the Chromium binary a browser test drives."""
+    import pytest
+
+    missing = []
+    try:
+        import nativeauthenticator  # noqa: F401
+    except ImportError:
+        missing.append("the Python package jupyterhub-nativeauthenticator (pip install -e .)")
+    if shutil.which("bwrap") is None:
+        missing.append("bubblewrap (apt-get install bubblewrap)")
+    try:
+        proxy_command()
+    except Exception as err:  # noqa: BLE001 - its message says what to install
+        missing.append(str(err))
+    if browser is not None:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            missing.append("the Python package playwright (pip install -e '.[test]')")
+        if not Path(browser).exists():
+            missing.append(f"{browser} (apt-get install chromium)")
+    if missing:
+        pytest.fail("missing: " + "; ".join(missing) + ". .ci/install provides all of them.",
+                    pytrace=False)
 
 
 def _free_port() -> int:
@@ -107,6 +136,38 @@ class Hub:
             return False
         r = requests.get(self.portal_url, timeout=5, allow_redirects=False)
         return r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+
+    def portal_pid(self) -> int | None:
+        """The portal process the hub started (its child running medzone_hub.portal)."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and b"medzone_hub.portal" in cmdline:
+                return int(entry)
+        return None
+
+    def restart_portal(self, timeout: float = 120) -> int:
+        """Kill the portal process; the hub starts a new one (it polls its services every
+        30 s). Returns the new process's pid once the proxy routes to it again."""
+        old = self.portal_pid()
+        assert old is not None, f"no portal process:\n{self.log()}"
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = self.portal_pid()
+            try:
+                if new not in (None, old) and self._portal_routed():
+                    return new
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the hub did not restart the portal:\n{self.log()}")
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -17,7 +17,9 @@ import pytest
 from medzone_hub import airlock, audit
 from medzone_hub.hubapp import HubPaths, unix_url
 
-from .hub_harness import Hub, run_code, running_hub
+from .hub_harness import Hub, require_hub_tools, run_code, running_hub
+
+require_hub_tools()
 
 ENDPOINT = "/hub/api/medzone/exports"
 COUNTS = b"group,patients\ntreated,1200\ncontrol,1350\n"

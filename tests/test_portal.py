@@ -13,27 +13,30 @@ import io
 import json
 import os
 import re
-import zipfile
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
+import nbformat
 import pytest
 import requests
 
-pytest.importorskip("nativeauthenticator")
+from .hub_harness import (
+    DATASET,
+    PASSWORD,
+    login,
+    require_hub_tools,
+    running_hub,
+    wait_for,
+    xsrf_from,
+)
+
+require_hub_tools()
 
 from medzone_hub import access, accounts, airlock, audit  # noqa: E402
 from medzone_hub.authenticator import set_password  # noqa: E402
-from medzone_hub.hubapp import proxy_command  # noqa: E402
-
-from .hub_harness import DATASET, PASSWORD, login, running_hub  # noqa: E402
-
-if shutil.which("bwrap") is None:
-    pytest.skip("bubblewrap is not installed", allow_module_level=True)
-try:
-    proxy_command()
-except Exception as err:  # noqa: BLE001
-    pytest.fail(f"{err}", pytrace=False)
+from medzone_hub.runner import TEMPLATES_DIR  # noqa: E402
 
 #: Small pages, so a handful of rows already paginates.
 PAGE_SIZE = 3
@@ -57,10 +60,39 @@ def _setup(hub):
         set_password(hub.home, name, PASSWORD, actor="test")
 
 
+def _wait_template(path: Path) -> None:
+    """A template whose second cell runs until its sandbox is stopped: a run in progress
+    when the portal restarts."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Wait\n\nRuns until its sandbox is stopped.\n"),
+        nbformat.v4.new_code_cell('note = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import time\nwhile True:\n    time.sleep(0.5)"),
+        nbformat.v4.new_code_cell('print("never reached")'),
+    ]
+    nbformat.write(nb, str(path))
+
+
 @pytest.fixture(scope="module")
-def hub():
-    with running_hub({DATASET: "portal test data\n"}, setup=_setup,
-                     extra_config=f"c.PortalApp.page_size = {PAGE_SIZE}\n") as h:
+def templates_dir():
+    """The project's templates, the runner's probe (quick) and one that waits."""
+    folder = Path(tempfile.mkdtemp(prefix="mzportal-templates-", dir="/tmp"))
+    folder.chmod(0o755)
+    for template in TEMPLATES_DIR.glob("*.ipynb"):
+        shutil.copy(template, folder / template.name)
+    shutil.copy(Path(__file__).with_name("runner_probe.ipynb"), folder / "runner_probe.ipynb")
+    _wait_template(folder / "wait_probe.ipynb")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hub(templates_dir):
+    extra = (f"c.PortalApp.page_size = {PAGE_SIZE}\n"
+             f"c.PortalApp.templates_dir = {str(templates_dir)!r}\n")
+    with running_hub({DATASET: "portal test data\n"}, setup=_setup, extra_config=extra) as h:
         yield h
 
 
@@ -425,3 +457,159 @@ def test_script_requests_need_the_xsrf_header(hub, people):
     r = alice.get("runs/0123abcd.json", headers={**fetch, "X-XSRFToken": alice.xsrf},
                   allow_redirects=False)
     assert r.status_code == 404 and "no run 0123abcd of yours" in r.text
+
+
+# --- account approvals in the steward queue -------------------------------------------------
+
+def _sign_up(hub, name: str) -> None:
+    anon = requests.Session()
+    page = anon.get(f"{hub.url}/hub/signup", timeout=30)
+    r = anon.post(f"{hub.url}/hub/signup", data={
+        "username": name, "signup_password": PASSWORD,
+        "signup_password_confirmation": PASSWORD, "_xsrf": xsrf_from(page.text)}, timeout=30)
+    assert r.status_code == 200 and "sent to the admin" in r.text, r.text[-2000:]
+
+
+def _approved(hub, name: str) -> bool:
+    with hub.store.session() as session:
+        return accounts.get_user(session, name).approved
+
+
+def test_stewards_approve_sign_ups_in_the_queue_and_the_person_can_log_in(hub, people):
+    stew, alice, rita = people("stew"), people("alice"), people("rita")
+    _sign_up(hub, "newt")
+    assert _approved(hub, "newt") is False
+    assert login(hub, "newt", PASSWORD).login_response.status_code == 200  # not yet
+
+    queue = stew.get("steward").text
+    row = queue[queue.index('id="account-newt"'):]
+    row = row[:row.index("</tr>")]
+    assert 'steward/accounts/newt/approve"' in row and 'steward/accounts/newt/discard"' in row
+
+    # Without the role: 403, here and on the hub's own accounts page (one rule for both).
+    for person in (alice, rita):
+        r = person.post("steward/accounts/newt/approve")
+        assert r.status_code == 403 and "role" in r.text, person.name
+        r = person.session.get(f"{hub.url}/hub/authorize", timeout=30)
+        assert r.status_code == 403, person.name
+    assert stew.session.get(f"{hub.url}/hub/authorize", timeout=30).status_code == 200
+    # Without the XSRF token: 403.
+    assert stew.post("steward/accounts/newt/approve", xsrf=False).status_code == 403
+    # Nobody decides about their own account.
+    r = stew.post("steward/accounts/stew/discard")
+    assert r.status_code == 403 and "their own account" in r.text
+    assert _approved(hub, "newt") is False
+
+    r = stew.post("steward/accounts/newt/approve")
+    assert r.status_code == 302, r.text[-1000:]
+    assert r.headers["Location"].endswith("steward?account=approve%3Anewt#accounts")
+    assert _approved(hub, "newt") is True
+    (event,) = [e for e in _events(hub, "user:newt") if e.action == "user.approve"]
+    assert (event.actor, event.detail) == ("stew", {"via": "portal"})
+    assert login(hub, "newt", PASSWORD).login_response.status_code == 302
+    assert 'id="account-newt"' not in stew.get("steward").text
+    # Deciding again is the same function's answer, in one line.
+    r = stew.post("steward/accounts/newt/discard")
+    assert r.status_code == 409 and "withdraw the approval" in r.text
+
+
+def test_stewards_discard_a_sign_up(hub, people):
+    stew = people("stew")
+    _sign_up(hub, "nora")
+    r = stew.post("steward/accounts/nora/discard")
+    assert r.status_code == 302, r.text[-1000:]
+    # The sign-up is gone (no password to log in with); the store keeps the name, unapproved.
+    assert _approved(hub, "nora") is False
+    refused = login(hub, "nora", PASSWORD).login_response
+    assert "Invalid username or password" in refused.text, hub.log()
+    assert [e.actor for e in _events(hub, "user:nora") if e.action == "user.discard"] == ["stew"]
+    row = stew.get("steward").text.split('id="account-nora"', 1)[1].split("</tr>", 1)[0]
+    assert "discard" not in row  # nothing left to discard; approving still offered
+    r = stew.post("steward/accounts/nora/discard")
+    assert r.status_code == 404 and "no sign-up named" in html.unescape(r.text)
+
+
+# --- long lists on the steward page ----------------------------------------------------------
+
+def test_live_grants_paginate(hub, people):
+    stew = people("stew")
+    for name in ("alice", "bob", "carol", "dora"):
+        app_id = _apply(hub, name, "pagination")
+        with hub.store.session() as session:
+            access.approve(session, app_id, reviewer="steward")
+    with hub.store.session() as session:
+        live = [a.id for a in reversed(access.list_applications(session))
+                if access.application_state(a) == "approved"]
+    assert len(live) > PAGE_SIZE
+
+    seen, number = [], 1
+    while True:
+        page = stew.get("steward", params={"grants": str(number)}).text
+        rows = [int(i) for i in re.findall(r'id="grant-(\d+)"', page)]
+        assert 0 < len(rows) <= PAGE_SIZE
+        seen += rows
+        pager = page.split('data-pager="grants"', 1)[1].split("</nav>", 1)[0]
+        if f"grants={number + 1}" not in pager:
+            break
+        assert f"grants={number + 1}" in pager and "#grants" in pager
+        number += 1
+    assert seen == live and number == -(-len(live) // PAGE_SIZE)
+    # The grants' pages keep the other lists' pages.
+    assert "page=1" in pager and "accounts=1" in pager
+
+
+# --- runs survive a portal restart -----------------------------------------------------------
+
+def _run_status(person, name: str) -> dict:
+    r = person.get(f"runs/{name}.json", headers={"X-XSRFToken": person.xsrf})
+    assert r.status_code == 200, r.text[-1000:]
+    return r.json()
+
+
+def test_runs_are_read_from_their_folders_so_a_restarted_portal_shows_them(hub, people):
+    bob = people("bob")
+    r = bob.post("run/runner_probe", {"message": "before the restart", "count": "3"})
+    assert r.status_code == 302, r.text[-1000:]
+    finished = r.headers["Location"].rsplit("/", 1)[1]
+    assert finished.endswith("-runner_probe")
+    status = wait_for(lambda: (s := _run_status(bob, finished))["state"] != "running" and s,
+                      180, step=0.5)
+    assert status["state"] == "ok", status
+    # Its four code cells and the one papermill injects with the parameters.
+    assert status["cells_done"] == status["cells_total"] == 5
+
+    r = bob.post("run/runner_probe", {"fail": "on"})
+    assert r.status_code == 302, r.text[-1000:]
+    failed = r.headers["Location"].rsplit("/", 1)[1]
+    status = wait_for(lambda: (s := _run_status(bob, failed))["state"] != "running" and s,
+                      180, step=0.5)
+    failure = "cell 3 `if fail:` failed: RuntimeError: probe failure requested"
+    assert (status["state"], status["error"]) == ("failed", failure), status
+
+    r = bob.post("run/wait_probe", {"note": "in progress"})
+    assert r.status_code == 302, r.text[-1000:]
+    waiting = r.headers["Location"].rsplit("/", 1)[1]
+    status = wait_for(lambda: (s := _run_status(bob, waiting))["current_cell"] == 3 and s,
+                      180, step=0.5)
+    assert status and status["state"] == "running" and status["cells_done"] == 2, status
+
+    hub.restart_portal()  # the run's sandbox dies with the portal that started it
+
+    page = bob.get(f"runs/{finished}")
+    assert page.status_code == 200
+    assert 'id="run-state" class="state state-ok"' in page.text
+    assert "cell 5 of 5" in page.text
+    assert f"runs/{finished}/runner_probe.ipynb</a>" in page.text
+    assert "before the restart" in html.unescape(page.text)  # its parameters, from the folder
+    status = _run_status(bob, failed)  # the same line, now read from the notebook alone
+    assert (status["state"], status["error"]) == ("failed", failure), status
+    status = _run_status(bob, waiting)
+    assert (status["state"], status["cells_done"], status["cells_total"]) == (
+        "interrupted", 2, 4)
+    assert "stopped before it finished" in status["error"]
+    listing = bob.get("run").text
+    for name, state in ((finished, "ok"), (failed, "failed"), (waiting, "interrupted")):
+        row = listing.split(f'id="run-{name}"', 1)[1].split("</tr>", 1)[0]
+        assert f"state-{state}" in row, (name, row)
+    # Runs are the person's own.
+    assert people("alice").get(f"runs/{finished}").status_code == 404

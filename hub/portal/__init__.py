@@ -6,9 +6,9 @@ People reach it from the hub's home page and are logged in through the hub (OAut
 
 It is a face, like the CLI: each page reads the store and calls the same service
 functions (:mod:`medzone_hub.access`, :mod:`medzone_hub.runner`, :mod:`medzone_hub.airlock`,
-:mod:`medzone_hub.audit`), which keep every rule. What the portal adds is which pages a
-person sees (:mod:`medzone_hub.portal.roles`), read from the same store roles the service
-functions check.
+:mod:`medzone_hub.audit`, :func:`medzone_hub.authenticator.decide_account`), which keep every
+rule. What the portal adds is which pages a person sees (:mod:`medzone_hub.portal.roles`),
+read from the same store roles the service functions check.
 """
 
 from pathlib import Path

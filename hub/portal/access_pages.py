@@ -115,7 +115,9 @@ class MyAccessHandler(PortalHandler):
 
 
 class StewardHandler(PortalHandler):
-    """Pending applications with each applicant's history; live grants; accounts waiting."""
+    """Pending applications with each applicant's history; live grants; accounts waiting.
+
+    Each list pages on its own: ``page`` (applications), ``grants`` and ``accounts``."""
 
     @requires(roles.STEWARD)
     def get(self):
@@ -129,12 +131,16 @@ class StewardHandler(PortalHandler):
                 history.setdefault(app.user.name, []).append(app)
             waiting = list(session.scalars(select(User).where(User.approved.is_(False))
                                            .order_by(User.name)))
-            me = self.account(session)
-            is_admin = bool(me and me.admin)
+        size = self.portal.page_size
+        numbers = {"page": self.page_number(), "grants": self.page_number("grants"),
+                   "accounts": self.page_number("accounts")}
         self.render_page(
-            "steward.html", pending=paginate(pending, self.page_number(), self.portal.page_size),
-            live=live, history=history, waiting=waiting, is_admin=is_admin,
-            default_days=access.DEFAULT_DAYS, done=self.get_query_argument("done", None))
+            "steward.html", pending=paginate(pending, numbers["page"], size),
+            live=paginate(live, numbers["grants"], size), history=history,
+            waiting=paginate(waiting, numbers["accounts"], size), numbers=numbers,
+            signed_up=self.portal.sign_ups(), default_days=access.DEFAULT_DAYS,
+            done=self.get_query_argument("done", None),
+            account_done=self.get_query_argument("account", None))
 
 
 class StewardDecisionHandler(PortalHandler):
@@ -154,10 +160,29 @@ class StewardDecisionHandler(PortalHandler):
         self.redirect(self.url("steward", done=f"{action}:{app_id}"))
 
 
+class AccountDecisionHandler(PortalHandler):
+    """POST approve or discard a sign-up: :func:`medzone_hub.authenticator.decide_account`,
+    the function (and the rule) behind the hub's own accounts page."""
+
+    @requires(roles.STEWARD)
+    def post(self, name: str, action: str):
+        from ..authenticator import decide_account
+
+        db = self.portal.hub_db()
+        try:
+            with self.store.session() as session:
+                decide_account(session, db, name, action, decider=self.user_name,
+                               via="portal")
+        finally:
+            db.close()  # and roll back whatever a refusal left uncommitted
+        self.redirect(self.url("steward", account=f"{action}:{name}") + "#accounts")
+
+
 ROUTES = [
     (r"catalog", CatalogHandler),
     (r"apply", ApplyHandler),
     (r"access", MyAccessHandler),
     (r"steward", StewardHandler),
     (r"steward/applications/(\d+)/(approve|reject|revoke)", StewardDecisionHandler),
+    (r"steward/accounts/([a-z0-9_-]+)/(approve|discard)", AccountDecisionHandler),
 ]

@@ -42,6 +42,26 @@ class Portal:
     templates_dir: str | None = None
     page_size: int = 25
     runs: object = field(default=None)
+    _hub_db_factory: object = field(default=None, repr=False)
+
+    def hub_db(self):
+        """A session on the hub's database, where NativeAuthenticator keeps sign-ups (the
+        accounts the steward queue approves); the caller closes it."""
+        if self._hub_db_factory is None:
+            from ..authenticator import hub_db_factory
+
+            self._hub_db_factory = hub_db_factory(self.home)
+        return self._hub_db_factory()
+
+    def sign_ups(self) -> set[str]:
+        """Names with a sign-up at the hub (NativeAuthenticator's table)."""
+        from nativeauthenticator.orm import UserInfo
+
+        db = self.hub_db()
+        try:
+            return {name for (name,) in db.query(UserInfo.username)}
+        finally:
+            db.close()
 
 
 def jinja_env() -> Environment:
@@ -139,7 +159,7 @@ class PortalApp(Application):
 
     def make_app(self) -> web.Application:
         from ..db import connect
-        from .run_pages import RunTracker
+        from .runs import RunTracker
 
         home = resolve_home(self.medzone_home or None).ensure()
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")

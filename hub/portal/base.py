@@ -68,7 +68,7 @@ class PortalHandler(HubOAuthenticated, web.RequestHandler):
 
     # pages ------------------------------------------------------------------------------
 
-    def url(self, path: str = "", **query) -> str:
+    def url(self, path: str = "", /, **query) -> str:
         """The portal URL of *path* (relative to the service prefix)."""
         url = self.portal.prefix + path.lstrip("/")
         query = {k: v for k, v in query.items() if v not in (None, "")}
@@ -92,11 +92,12 @@ class PortalHandler(HubOAuthenticated, web.RequestHandler):
         token = self.xsrf_token
         return token.decode() if isinstance(token, bytes) else token
 
-    def page_number(self) -> int:
+    def page_number(self, name: str = "page") -> int:
+        """The page of a long list asked for (query argument *name*, default 1)."""
         try:
-            return max(1, int(self.get_query_argument("page", "1")))
+            return max(1, int(self.get_query_argument(name, "1")))
         except ValueError:
-            raise web.HTTPError(400, "page must be a whole number") from None
+            raise web.HTTPError(400, f"{name} must be a whole number") from None
 
     # errors -----------------------------------------------------------------------------
 

@@ -3,146 +3,21 @@
 The form is generated from :func:`medzone_hub.runner.template_parameters` (papermill's
 inspection: names, types, defaults, help); a dataset parameter offers only the person's
 live grants. The run itself is :func:`medzone_hub.runner.run_template` in a background
-thread (papermill inside the person's sandbox, exactly as ``medzone run``); the progress
-page polls ``runs/<id>.json``, which counts the executed cells in the notebook papermill
-rewrites after every cell.
+thread (papermill inside the person's sandbox, exactly as ``medzone run``). A run's page
+is named after its run folder and reads its state from there (:mod:`.runs`); it polls
+``runs/<folder>.json``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import secrets
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tornado import web
 
 from .. import access, runner
-from ..airlock import user_home
-from ..errors import MedZoneError
 from .base import PortalHandler, paginate, requires
-
-#: How many finished runs the tracker remembers (older ones are still listed from the home).
-KEEP_RUNS = 200
-
-
-@dataclass
-class Run:
-    id: str
-    user: str
-    template: str
-    parameters: list[tuple[str, str]]
-    started: float
-    before: set[str]  # run folders that existed before this run started
-    state: str = "running"  # running, ok, failed
-    error: str | None = None
-    notebook: Path | None = None
-    run_dir: Path | None = None
-    seconds: float | None = None
-    thread: threading.Thread | None = field(default=None, repr=False)
-
-
-class RunTracker:
-    """Template runs started from the portal, each in a thread of its own."""
-
-    def __init__(self, portal):
-        self.portal = portal
-        self._runs: dict[str, Run] = {}
-        self._lock = threading.Lock()
-
-    def runs_dir(self, user: str) -> Path:
-        return user_home(self.portal.home, user) / "runs"
-
-    def start(self, user: str, template: str, parameters: list[tuple[str, str]]) -> Run:
-        folder = self.runs_dir(user)
-        before = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        run = Run(secrets.token_hex(8), user, template, parameters, time.time(), before)
-        run.thread = threading.Thread(target=self._run, args=(run,), daemon=True,
-                                      name=f"run-{run.id}")
-        with self._lock:
-            self._runs[run.id] = run
-            for old in sorted(self._runs.values(), key=lambda r: r.started)[:-KEEP_RUNS]:
-                if old.state != "running":
-                    del self._runs[old.id]
-        run.thread.start()
-        return run
-
-    def _run(self, run: Run) -> None:
-        try:
-            result = runner.run_template(
-                self.portal.home, self.portal.store, run.user, run.template, run.parameters,
-                templates_dir=self.portal.templates_dir, config=self.portal.sandbox_config)
-        except runner.RunFailed as err:
-            run.state, run.error, run.notebook = "failed", str(err), err.notebook
-        except MedZoneError as err:
-            run.state, run.error = "failed", str(err)
-        except Exception as err:  # noqa: BLE001 - a run thread must always end in a state
-            run.state, run.error = "failed", f"{type(err).__name__}: {err}"
-        else:
-            run.state, run.notebook, run.run_dir = "ok", result.notebook, result.run_dir
-            run.seconds = round(result.seconds, 1)
-        if run.notebook is not None and run.run_dir is None:
-            run.run_dir = run.notebook.parent
-
-    def get(self, run_id: str, user: str) -> Run:
-        run = self._runs.get(run_id)
-        if run is None or run.user != user:
-            raise web.HTTPError(404, f"no run {run_id} of yours")
-        return run
-
-    def find_run_dir(self, run: Run) -> Path | None:
-        """The folder :func:`run_template` made for *run* (known before it finishes by
-        being the new folder for this template in the person's ``runs/``)."""
-        if run.run_dir is not None:
-            return run.run_dir
-        folder = self.runs_dir(run.user)
-        stem = Path(run.template).stem
-        if not folder.is_dir():
-            return None
-        new = sorted(p for p in folder.iterdir()
-                     if p.name not in run.before and p.name.split("-", 1)[-1].startswith(stem))
-        return new[-1] if new else None
-
-    def progress(self, run: Run) -> dict[str, Any]:
-        run_dir = self.find_run_dir(run)
-        done = total = 0
-        current = None
-        if run_dir is not None:
-            done, total, current = cell_progress(run_dir / f"{Path(run.template).stem}.ipynb")
-        return {
-            "id": run.id, "template": run.template, "state": run.state, "error": run.error,
-            "cells_done": done, "cells_total": total, "current_cell": current,
-            "seconds": (run.seconds if run.seconds is not None
-                        else round(time.time() - run.started, 1)),
-            "notebook": run.notebook and inside_path(run.notebook, self.runs_dir(run.user).parent),
-        }
-
-
-def cell_progress(notebook: Path) -> tuple[int, int, int | None]:
-    """(cells finished, code cells, index of the running cell) of a notebook papermill is
-    executing; (0, 0, None) before papermill first writes it."""
-    try:
-        nb = json.loads(notebook.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0, 0, None
-    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    done, current = 0, None
-    for i, cell in enumerate(cells):
-        status = cell.get("metadata", {}).get("papermill", {}).get("status")
-        if status == "completed":
-            done += 1
-        elif status == "running" and current is None:
-            current = i + 1
-    return done, len(cells), current
-
-
-def inside_path(path: Path, home_dir: Path) -> str:
-    """*path* relative to the person's home (what JupyterLab's file browser shows)."""
-    return path.relative_to(home_dir).as_posix()
-
 
 # --- the form ----------------------------------------------------------------------------
 
@@ -189,7 +64,7 @@ def submitted_parameters(handler: web.RequestHandler,
 # --- handlers ------------------------------------------------------------------------------
 
 class TemplatesHandler(PortalHandler):
-    """The templates, and my recent runs."""
+    """The templates, and my runs (newest first, with their state)."""
 
     @requires()
     def get(self):
@@ -198,11 +73,10 @@ class TemplatesHandler(PortalHandler):
         for name in names:
             path = runner.find_template(name, self.portal.templates_dir)
             templates.append({"name": name, "title": template_title(path)})
-        folder = self.portal.runs.runs_dir(self.user_name)
-        recent = sorted((p.name for p in folder.iterdir() if p.is_dir()),
-                        reverse=True) if folder.is_dir() else []
-        self.render_page("run_list.html", templates=templates, lab=self.lab_url,
-                         recent=paginate(recent, self.page_number(), self.portal.page_size))
+        runs = self.portal.runs
+        page = paginate(runs.names(self.user_name), self.page_number(), self.portal.page_size)
+        page.items = [runs.progress(self.user_name, name) for name in page.items]
+        self.render_page("run_list.html", templates=templates, lab=self.lab_url, recent=page)
 
 
 def template_title(path: Path) -> str:
@@ -232,37 +106,40 @@ class RunFormHandler(PortalHandler):
                          fields=form_fields(specs, granted), granted=granted)
 
     @requires()
-    def post(self, template: str):
+    async def post(self, template: str):
         _path, specs = self._specs(template)
         parameters = submitted_parameters(self, specs)
         runner.check_parameters(specs, parameters)  # a typing mistake is shown before starting
-        run = self.portal.runs.start(self.user_name, template, parameters)
-        self.redirect(self.url(f"runs/{run.id}"))
+        # Returns once the run folder exists: a refusal (an ungranted dataset) shows here.
+        name = await asyncio.to_thread(self.portal.runs.start, self.user_name, template,
+                                       parameters)
+        self.redirect(self.url(f"runs/{name}"))
 
 
 class RunPageHandler(PortalHandler):
     """Live progress of one run, then the link to the executed notebook."""
 
     @requires()
-    def get(self, run_id: str):
-        run = self.portal.runs.get(run_id, self.user_name)
-        self.render_page("run_progress.html", run=run, progress=self.portal.runs.progress(run),
-                         lab=self.lab_url)
+    def get(self, name: str):
+        progress = self.portal.runs.progress(self.user_name, name)
+        self.render_page("run_progress.html", progress=progress, lab=self.lab_url)
 
 
 class RunStatusHandler(PortalHandler):
-    """``runs/<id>.json``: what the progress page polls."""
+    """``runs/<folder>.json``: what the progress page polls."""
 
     @requires()
-    def get(self, run_id: str):
-        run = self.portal.runs.get(run_id, self.user_name)
+    def get(self, name: str):
+        progress = self.portal.runs.progress(self.user_name, name)
         self.set_header("Cache-Control", "no-store")
-        self.finish(self.portal.runs.progress(run))
+        self.finish(progress)
 
+
+_RUN = r"([A-Za-z0-9][A-Za-z0-9_.-]*)"
 
 ROUTES = [
     (r"run", TemplatesHandler),
     (r"run/([A-Za-z0-9][A-Za-z0-9_.-]*)", RunFormHandler),
-    (r"runs/([0-9a-f]+)\.json", RunStatusHandler),
-    (r"runs/([0-9a-f]+)", RunPageHandler),
+    (rf"runs/{_RUN}\.json", RunStatusHandler),
+    (rf"runs/{_RUN}", RunPageHandler),
 ]
