@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -19,12 +18,14 @@ from pathlib import Path
 import pytest
 import requests
 
-pytest.importorskip("nativeauthenticator")
-websocket = pytest.importorskip("websocket")
+from .hub_harness import require_hub_tools
+
+require_hub_tools()
+import websocket  # noqa: E402  (a test dependency: pip install -e '.[test]')
 
 from medzone_hub import access, accounts  # noqa: E402
 from medzone_hub.authenticator import set_password  # noqa: E402
-from medzone_hub.hubapp import HubPaths, proxy_command, proxy_pid  # noqa: E402
+from medzone_hub.hubapp import HubPaths, proxy_pid  # noqa: E402
 from medzone_hub.sandbox import build_policy, ensure_home  # noqa: E402
 
 from .hub_harness import (  # noqa: E402
@@ -38,13 +39,6 @@ from .hub_harness import processes_of_uid as _processes_of_uid  # noqa: E402
 from .hub_harness import run_code as _run_code  # noqa: E402
 from .hub_harness import wait_for as _wait_for  # noqa: E402
 from .hub_harness import xsrf_from as _xsrf_from  # noqa: E402
-
-if shutil.which("bwrap") is None:
-    pytest.skip("bubblewrap is not installed", allow_module_level=True)
-try:
-    proxy_command()
-except Exception as err:  # noqa: BLE001
-    pytest.fail(f"{err}", pytrace=False)
 
 PROBE = Path(__file__).with_name("sandbox_probe.py").read_text()
 OTHER_DATASET = "other-ct"
