@@ -108,6 +108,21 @@ def _figure(draw) -> bytes:
     return buf.getvalue()
 
 
+def _imsave(values: np.ndarray, cmap: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    plt.imsave(buf, values, cmap=cmap, format="png")
+    return buf.getvalue()
+
+
+def _modality(ds) -> np.ndarray:
+    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
 def _encrypted_zip(member: bytes) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -231,6 +246,11 @@ def build_cases(dataset_root: Path, other_cohort_root: Path, work: Path) -> list
         "an X-ray as an RGB PNG attachment")
     fig = _figure(lambda ax: ax.imshow(hu, cmap="gray", vmin=-1000, vmax=400))
     add("figure-axes.png", fig, "review", IM, "a dataset slice drawn inside matplotlib axes")
+    add("soft-tissue.png", _png(_window(hu, -160, 240)), "block", IM,
+        "a soft-tissue window (40/400 HU) of a slice: lungs and air clipped")
+    add("viridis.ipynb", _nb([_code("plt.imsave(buf, hu, cmap='viridis')", [_display({
+        "image/png": base64.b64encode(_imsave(hu, "viridis")).decode()})])]), "block", IM,
+        "a slice colour-mapped with viridis in a notebook output")
 
     # --- row-level data -----------------------------------------------------------------
     RL = "row-level-data"
@@ -330,9 +350,17 @@ def build_cases(dataset_root: Path, other_cohort_root: Path, work: Path) -> list
     add("os-ok.csv", _csv(["label", "n"], [["nodule", 15], ["normal", 140]]), "pass", None,
         "counts rounded to 5 (opensafely)", ScreenConfig(profile="opensafely"))
     add("roc.png", roc, "pass", None, "an ROC curve")
-    # One middle slice; across all slices of another seed most still match (docs/screen.md).
     add("other-cohort.png", _png(_window(o_hu, -1000, 400)), "pass", None,
         "a CT slice of a different patient (same anatomy)")
+    # The hard clean case: the same synthetic anatomy, other patients (another seed); every
+    # 4th slice in two windows and the chest X-ray.
+    slices = [_modality(pydicom.dcmread(p)) for p in other_ct[::4]]
+    shown = [_window(v, -1000, 400) for v in slices] + [_window(v, -160, 240) for v in slices]
+    o_cxr = pydicom.dcmread(sorted(other_cohort_root.glob("*/CXR/*.dcm"))[0]).pixel_array
+    shown.append(_window(o_cxr, o_cxr.min(), o_cxr.max()))
+    add("other-seed-cohort.ipynb", _nb([_code(f"show({i})", [_display({
+        "image/png": base64.b64encode(_png(arr)).decode()})]) for i, arr in enumerate(shown)]),
+        "pass", None, "slices and an X-ray of another cohort's patients (same anatomy)")
     add("metrics.json", json.dumps({"auc": 0.874, "git": "3f2a9c1d0b8e7f6a5d4c3b2a1f0e9d8c7b6a5f4e",
                                     "run": "550e8400-e29b-41d4-a716-446655440000",
                                     "transfer_syntax": "1.2.840.10008.1.2.1",

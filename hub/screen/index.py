@@ -7,10 +7,11 @@ Two parts, both without a single plaintext identifier:
   header text), normalised first so that other spellings match (case, separators,
   full-width digits, date formats);
 * ``fingerprints.npz`` — per image (slice or frame): a keyed exact hash of the pixel values,
-  a 64-bit DCT perceptual hash and a 32×32 normalised thumbnail. A pHash alone confuses
-  different patients with the same anatomy, so a candidate is confirmed by correlating
-  thumbnails, both as they are and after removing their coarse shape (the detail that
-  differs between patients).
+  a coarse 32×32 thumbnail that finds candidates and a fine one (cells of about 2×2
+  pixels) whose detail confirms them. A coarse likeness alone confuses different patients
+  with the same anatomy; the detail (rank-transformed, coarse shape removed) is mostly the
+  acquisition noise and small structures of one image, which a copy keeps through
+  windowing, colour maps, flips, resizing and JPEG.
 
 The key is the zone's own screening key, not the data provider's pseudonymization key.
 """
@@ -36,7 +37,7 @@ from .recognizers import (COLUMN_ACCESSION, COLUMN_DATE, COLUMN_PATIENT_ID, COLU
                           classify_column_name, looks_like_uid, parse_date)
 
 FORMAT = "medzone-screening-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 FINGERPRINTS_FILE = "fingerprints.npz"
 
@@ -46,9 +47,29 @@ KINDS = (PATIENT_ID, ACCESSION, UID, DATE, TEXT)
 MIN_VALUE_CHARS = 6
 
 THUMBNAIL_SIZE = 32
-HAMMING_THRESHOLD = 14
-CORRELATION_THRESHOLD = 0.9
-DETAIL_CORRELATION_THRESHOLD = 0.9
+#: Candidates are found with a coarse thumbnail (32×32 cells) ...
+COARSE_SIZE = 32
+#: ... whose unclipped cells correlate at least this well with an indexed image's ...
+COARSE_THRESHOLD = 0.6
+#: ... (the best few, in any flip or quarter turn) ...
+MAX_CANDIDATES = 8
+#: ... and confirmed when the detail of their fine thumbnails correlates at least this well:
+#: 0.66 for fine thumbnails of up to 64 cells a side, 0.85 from 128 (linear in between).
+#: Calibrated on synthetic cohorts (seeds 1, 2, 3, 5, 6, 42, 99 against seed 11): other
+#: patients' CT slices (128², fine 64) reach 0.62, degraded copies (JPEG 75, resized
+#: ×0.5/×2) 0.70 and up; other patients' X-rays (256², fine 128), whose detail is mostly
+#: the anatomy they share, reach 0.82, their degraded copies 0.88 and up.
+DETAIL_THRESHOLDS = ((64, 0.66), (128, 0.85))
+FINE_MIN, FINE_MAX = 32, 128
+DETAIL_SIGMA = 0.6
+STORED_BLURS = (0.0, 0.4, 0.6, 0.8, 1.0, 1.3)
+BLUR_MARGIN = 1.1
+SATURATION_TOLERANCE = 0.02
+#: An image with fewer unclipped cells than these cannot be compared (nothing is looked up).
+MIN_COARSE_CELLS = 64
+COARSE_CLIPPED = 0.25
+TEXTURED = 0.25
+MIN_FINE_CELLS = 256
 
 _SEPARATORS_RE = re.compile(r"[\s\-._/:,;'\"()\[\]{}^=\\|+]+")
 _STANDARD_UID_ROOT = "1.2.840.10008."
@@ -129,21 +150,25 @@ def _gray(pixels: np.ndarray) -> np.ndarray:
     return arr
 
 
-def thumbnail(pixels: np.ndarray) -> np.ndarray:
-    """A 32×32 float thumbnail (box average), stretched between its 1st and 99th percentile:
-    re-windowing, rescaling or another bit depth change it little."""
-    arr = _gray(pixels)
+def _box(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` averaged down (or up) to size×size cells, float32; the aspect ratio is not
+    kept, so a copy with other margins still lines up cell by cell."""
     h, w = arr.shape
-    s = THUMBNAIL_SIZE
-    if h % s == 0 and w % s == 0:
-        blocks = arr.reshape(s, h // s, s, w // s)
-        small = blocks.sum(axis=3, dtype=np.float32).sum(axis=1) / ((h // s) * (w // s))
-    else:
-        image = Image.fromarray(arr.astype(np.float32, copy=False))
-        small = np.asarray(image.resize((s, s), Image.BOX))
+    if h % size == 0 and w % size == 0:
+        blocks = arr.reshape(size, h // size, size, w // size)
+        return blocks.sum(axis=3, dtype=np.float32).sum(axis=1) / ((h // size) * (w // size))
+    image = Image.fromarray(np.asarray(arr, dtype=np.float32))
+    return np.asarray(image.resize((size, size), Image.BOX))
+
+
+def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """A size×size float thumbnail (box average), stretched between its 1st and 99th
+    percentile: re-windowing, rescaling or another bit depth change it little. With
+    :func:`perceptual_hash`, a compact likeness key (the index itself keeps thumbnails)."""
+    small = _box(_gray(pixels), size)
     lo, hi = np.percentile(small, [1, 99])
     if hi - lo <= 1e-6:
-        return np.zeros((s, s), dtype=np.float32)
+        return np.zeros((size, size), dtype=np.float32)
     return np.clip((small - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
@@ -154,24 +179,156 @@ def perceptual_hash(thumb: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def _zscore(values: np.ndarray) -> np.ndarray | None:
-    flat = values.astype(np.float64).ravel()
-    flat = flat - flat.mean()
-    norm = np.sqrt(flat @ flat)
-    return flat / norm if norm > 1e-9 else None
+def detail_threshold(size: int) -> float:
+    """The detail correlation that confirms a candidate whose fine thumbnail is size²."""
+    (small, low), (large, high) = DETAIL_THRESHOLDS
+    return float(np.interp(size, [small, large], [low, high]))
 
 
-def _detail(thumb: np.ndarray) -> np.ndarray:
-    """The thumbnail without its coarse shape (body outline, lungs): what tells patients apart."""
-    return thumb - ndimage.gaussian_filter(thumb.astype(np.float64), 2.0)
+def fine_size(shape) -> int:
+    """The side of an image's fine thumbnail: cells of about 2×2 pixels, so that the
+    acquisition noise of each image survives (it is what tells two patients with the same
+    anatomy apart), between 32 and 128 cells."""
+    return int(min(FINE_MAX, max(FINE_MIN, min(shape[:2]) // 2)))
 
 
-def _orientations(thumb: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips and quarter turns: an output may be transposed or mirrored."""
-    out = []
-    for t in (thumb, thumb.T):
-        out += [t, t[::-1], t[:, ::-1], t[::-1, ::-1]]
+def unsaturated_cells(gray: np.ndarray, size: int, allowed: float = 0.0) -> np.ndarray:
+    """size×size mask of the cells of which no more than ``allowed`` of the pixels lie at
+    the image's darkest or brightest value (within 2 % of its range). A window, a colour
+    map or a bit depth change is a monotone map of the values that clips at both ends:
+    inside these cells it keeps their order, at the clipped ones it does not."""
+    lo, hi = float(gray.min()), float(gray.max())
+    if hi <= lo:
+        return np.zeros((size, size), dtype=bool)
+    tolerance = SATURATION_TOLERANCE * (hi - lo)
+    clipped = (gray <= lo + tolerance) | (gray >= hi - tolerance)
+    return _box(clipped.view(np.uint8), size) <= allowed
+
+
+def textured_cells(gray: np.ndarray, size: int) -> np.ndarray:
+    """size×size mask of the cells where at least a quarter of the pixels differ from their
+    left neighbour. Acquired images are noisy everywhere (and stay so through windowing,
+    resizing and compression); figures, plots and text are flat fills with edges. A flat
+    cell has no detail, so it could not confirm a copy anyway."""
+    moving = np.zeros(gray.shape, dtype=np.uint8)
+    moving[:, 1:] = gray[:, 1:] != gray[:, :-1]
+    return _box(moving, size) >= TEXTURED
+
+
+def _to_uint16(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint16)
+    return np.rint((values - lo) * (65535 / (hi - lo))).astype(np.uint16)
+
+
+def _orient(thumb: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 flips and quarter turns: an output may be transposed or mirrored."""
+    t = thumb.T if k >= 4 else thumb
+    return (t, t[::-1], t[:, ::-1], t[::-1, ::-1])[k % 4]
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    out = np.empty(values.size, dtype=np.float64)
+    out[np.argsort(values, kind="stable")] = np.arange(values.size)
     return out
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    norm = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / norm) if norm > 1e-12 else 0.0
+
+
+class _Query:
+    """A query image's thumbnails and detail, computed once per size and reused for every
+    candidate and orientation."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.gray = _gray(pixels).astype(np.float32, copy=False)
+        self._cells: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._details: dict[int, _Detail] = {}
+
+    def cells(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if size not in self._cells:
+            if size == COARSE_SIZE:
+                # Coarse cells only find candidates: a few clipped pixels are tolerable,
+                # flat ones are not (see textured_cells). Every other pixel of a large
+                # image tells that as well, at a quarter of the cost.
+                step = 2 if min(self.gray.shape) >= 8 * size else 1
+                sample = self.gray[::step, ::step]
+                valid = unsaturated_cells(sample, size, COARSE_CLIPPED)
+                if valid.sum() >= MIN_COARSE_CELLS:
+                    valid &= textured_cells(sample, size)
+                if valid.sum() < MIN_COARSE_CELLS:
+                    self._cells[size] = (np.zeros((size, size), np.float32), valid)
+                    return self._cells[size]
+            else:
+                valid = unsaturated_cells(self.gray, size)
+            self._cells[size] = (_box(self.gray, size), valid)
+        return self._cells[size]
+
+    def detail(self, size: int) -> "_Detail":
+        if size not in self._details:
+            self._details[size] = _Detail(*self.cells(size))
+        return self._details[size]
+
+
+class _Detail:
+    """A thumbnail's ranks and detail over its valid cells (see :func:`detail_correlations`).
+    A flip or quarter turn permutes the cells and the Gaussian is symmetric, so they are
+    computed once and oriented afterwards."""
+
+    def __init__(self, values: np.ndarray, valid: np.ndarray):
+        self.valid = valid
+        self.cells = int(valid.sum())
+        self.support = np.maximum(ndimage.gaussian_filter(valid.astype(np.float64),
+                                                          DETAIL_SIGMA), 1e-6)
+        self.ranked, self.residual = _rank_detail(values, valid, self.support)
+
+
+def _rank_detail(values: np.ndarray, valid: np.ndarray, support: np.ndarray):
+    ranked = np.zeros(valid.shape)
+    ranked[valid] = _ranks(values[valid])
+    return ranked, ranked - ndimage.gaussian_filter(ranked, DETAIL_SIGMA) / support
+
+
+def detail_correlations(query: np.ndarray, valid: np.ndarray, stored: np.ndarray
+                        ) -> tuple[float, float]:
+    """(rank correlation, detail correlation) of two fine thumbnails over ``valid`` cells.
+
+    Both are rank-transformed there first, so any monotone map of the values (a window,
+    a colour map, a gamma) leaves them unchanged, and an inverted one only flips their sign.
+    The detail is each cell minus a Gaussian-weighted mean of its valid neighbours (σ 0.6
+    cells): the coarse anatomy that different patients share cancels out, the acquisition
+    noise and small structures of this one image remain.
+    """
+    return _compare(_Detail(query, valid), 0, stored)
+
+
+def _compare(query: _Detail, k: int, stored: np.ndarray) -> tuple[float, float]:
+    if query.cells < MIN_FINE_CELLS:
+        return 0.0, 0.0
+    valid, support = _orient(query.valid, k), _orient(query.support, k)
+    q_ranked, q_detail = _orient(query.ranked, k)[valid], _orient(query.residual, k)[valid]
+    s_ranked, s_detail = (a[valid] for a in _rank_detail(stored, valid, support))
+    plain = _correlation(q_ranked, s_ranked)
+    sign = -1.0 if plain < 0 else 1.0  # an inverted copy (MONOCHROME1 shown as stored)
+    # A downscaled or compressed copy has lost some of its finest detail: blur the stored
+    # image (in steps up to σ 1.3 cells) only as far as needed to be no sharper than the
+    # query; blurring it further would leave mostly the anatomy that patients share.
+    sharpness = _energy(q_detail, q_ranked) * BLUR_MARGIN
+    for blur in STORED_BLURS[1:]:
+        if _energy(s_detail, s_ranked) <= sharpness:
+            break
+        s_ranked, s_detail = (a[valid] for a in _rank_detail(
+            ndimage.gaussian_filter(stored, blur), valid, support))
+    return sign * plain, sign * _correlation(q_detail, s_detail)
+
+
+def _energy(residual: np.ndarray, ranked: np.ndarray) -> float:
+    return float(residual.var() / max(ranked.var(), 1e-12))
 
 
 @dataclass(frozen=True)
@@ -179,9 +336,8 @@ class ImageCandidate:
     """An indexed image that ``pixels`` is likely a copy of."""
 
     ref: str
-    hamming: int
-    correlation: float
-    detail_correlation: float
+    correlation: float  # rank correlation of the fine thumbnails (unclipped cells)
+    detail_correlation: float  # of their detail: what tells two patients apart
     exact: bool = False
 
 
@@ -194,8 +350,9 @@ class ScreeningIndexBuilder:
         self._hasher = _Hasher(key)
         self._values: dict[str, set[str]] = {kind: set() for kind in KINDS}
         self._exact: list[tuple[bytes, int]] = []
-        self._phashes: list[int] = []
-        self._thumbs: list[np.ndarray] = []
+        self._shapes: set[tuple[int, ...]] = set()
+        self._coarse: list[np.ndarray] = []
+        self._fine: list[np.ndarray] = []
         self._refs: list[str] = []
         self._series: dict[str, int] = {}
         self._seen: set[tuple[str, str]] = set()
@@ -300,12 +457,13 @@ class ScreeningIndexBuilder:
                 self.add_identifier(kind, cell)
 
     def add_image(self, pixels: np.ndarray, ref: str) -> None:
-        """Fingerprint one 2-D image (or RGB): exact hash, pHash and thumbnail."""
-        thumb = thumbnail(pixels)
+        """Fingerprint one 2-D image (or RGB): exact hash, coarse and fine thumbnails."""
+        gray = _gray(pixels).astype(np.float32, copy=False)
         self._refs.append(str(ref))
         self._exact.append((self._hasher.pixels(pixels), len(self._refs) - 1))
-        self._phashes.append(perceptual_hash(thumb))
-        self._thumbs.append(np.round(thumb * 255).astype(np.uint8))
+        self._shapes.add(np.shape(pixels))
+        self._coarse.append(_to_uint16(_box(gray, COARSE_SIZE)))
+        self._fine.append(_to_uint16(_box(gray, fine_size(gray.shape))))
 
     # output
 
@@ -326,11 +484,12 @@ class ScreeningIndexBuilder:
             "normalization": "NFKC, case-folded, separators removed, dates as YYYYMMDD",
             "counts": self.counts,
             "identifiers": {kind: sorted(values) for kind, values in self._values.items()},
-            "images": {"file": FINGERPRINTS_FILE, "phash_bits": 64,
-                       "thumbnail": [THUMBNAIL_SIZE, THUMBNAIL_SIZE],
-                       "hamming_threshold": HAMMING_THRESHOLD,
-                       "correlation_threshold": CORRELATION_THRESHOLD,
-                       "detail_correlation_threshold": DETAIL_CORRELATION_THRESHOLD},
+            "images": {"file": FINGERPRINTS_FILE,
+                       "coarse": [COARSE_SIZE, COARSE_SIZE],
+                       "fine": f"min(side/2, {FINE_MAX}) squared, at least {FINE_MIN}",
+                       "coarse_threshold": COARSE_THRESHOLD,
+                       "detail_sigma": DETAIL_SIGMA,
+                       "detail_thresholds": DETAIL_THRESHOLDS},
         }
         (directory / INDEX_FILE).write_text(json.dumps(document, indent=1) + "\n")
         n = len(self._refs)
@@ -339,11 +498,19 @@ class ScreeningIndexBuilder:
             directory / FINGERPRINTS_FILE,
             exact=exact.reshape(len(self._exact), 16),
             exact_image=np.array([i for _, i in self._exact], dtype=np.int64),
-            phash=np.array(self._phashes, dtype=np.uint64),
-            thumbs=(np.stack(self._thumbs) if n else
-                    np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE), dtype=np.uint8)),
+            coarse=(np.stack(self._coarse) if n else
+                    np.zeros((0, COARSE_SIZE, COARSE_SIZE), dtype=np.uint16)),
+            fine=(np.concatenate([f.ravel() for f in self._fine]) if n else
+                  np.zeros(0, dtype=np.uint16)),
+            fine_size=np.array([f.shape[0] for f in self._fine], dtype=np.int64),
+            # Sizes only: an image of another shape cannot be an exact copy (not hashed).
+            shapes=np.array(sorted(_shape_key(shape) for shape in self._shapes), dtype=str),
             refs=np.array(self._refs, dtype=str))
         return directory
+
+
+def _shape_key(shape) -> str:
+    return "x".join(str(int(n)) for n in shape)
 
 
 def _cell_text(value) -> str:
@@ -381,14 +548,20 @@ class ScreeningIndex:
     """A written index, loaded for screening."""
 
     def __init__(self, hasher: _Hasher, values: dict[str, set[str]], exact: dict[bytes, list[int]],
-                 phashes: np.ndarray, thumbs: np.ndarray, refs: list[str], counts: dict):
+                 coarse: np.ndarray, fine: list[np.ndarray], refs: list[str], counts: dict,
+                 shapes: set[str]):
         self._hasher = hasher
+        self._shapes = shapes
         self._values = values
         self._exact = exact
-        self._phashes = phashes
-        self._thumbs = thumbs
         self._refs = refs
+        self._fine = fine
         self.counts = counts
+        # Masked correlation with every indexed image at once: Σc, Σc² and Σc·q over the
+        # query's unclipped cells are three matrix products.
+        flat = coarse.reshape(len(coarse), -1).astype(np.float64) / 65535
+        self._coarse = flat
+        self._coarse_squared = flat * flat
 
     @classmethod
     def load(cls, directory, key: bytes) -> "ScreeningIndex":
@@ -398,14 +571,23 @@ class ScreeningIndex:
             arrays = np.load(directory / FINGERPRINTS_FILE, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"{directory}: not a readable screening index ({err})") from None
-        if document.get("format") != FORMAT or document.get("version") != FORMAT_VERSION:
+        if document.get("format") != FORMAT:
             raise InvalidInput(f"{directory}: unsupported screening index format")
+        if document.get("version") != FORMAT_VERSION:
+            raise InvalidInput(
+                f"{directory}: screening index version {document.get('version')}, this "
+                f"MedZone reads version {FORMAT_VERSION}: add the dataset again to rebuild it")
         values = {kind: set(document["identifiers"].get(kind, [])) for kind in KINDS}
         exact: dict[bytes, list[int]] = {}
         for digest, image in zip(arrays["exact"], arrays["exact_image"]):
             exact.setdefault(digest.tobytes(), []).append(int(image))
-        return cls(_Hasher(key), values, exact, arrays["phash"], arrays["thumbs"],
-                   [str(r) for r in arrays["refs"]], document.get("counts", {}))
+        sizes = [int(n) for n in arrays["fine_size"]]
+        ends = np.cumsum([n * n for n in sizes])
+        fine = [cells.reshape(n, n) for cells, n in
+                zip(np.split(arrays["fine"], ends[:-1]) if sizes else [], sizes)]
+        return cls(_Hasher(key), values, exact, arrays["coarse"], fine,
+                   [str(r) for r in arrays["refs"]], document.get("counts", {}),
+                   {str(shape) for shape in arrays["shapes"]})
 
     def contains(self, value) -> str | None:
         """The kind under which ``value`` (in any spelling) is indexed, or None."""
@@ -417,43 +599,63 @@ class ScreeningIndex:
 
     def exact_matches(self, pixels: np.ndarray) -> list[str]:
         """Refs of indexed images with exactly these pixel values (stored or rescaled)."""
+        if _shape_key(np.shape(pixels)) not in self._shapes:
+            return []
         return [self._refs[i] for i in self._exact.get(self._hasher.pixels(pixels), [])]
 
-    def image_candidates(self, pixels: np.ndarray, *, hamming: int = HAMMING_THRESHOLD,
-                         min_correlation: float = CORRELATION_THRESHOLD,
-                         min_detail_correlation: float = DETAIL_CORRELATION_THRESHOLD,
-                         ) -> list[ImageCandidate]:
-        """Indexed images that ``pixels`` (2-D or RGB) copies: exact matches, and images
-        within ``hamming`` bits of its pHash (any flip or quarter turn) whose thumbnails
-        correlate with it as they are and in their detail. Best first."""
-        found = {ref: ImageCandidate(ref, 0, 1.0, 1.0, exact=True)
+    def image_candidates(self, pixels: np.ndarray, *,
+                         min_detail_correlation: float | None = None,
+                         leeway: float = 0.0) -> list[ImageCandidate]:
+        """Indexed images that ``pixels`` (2-D or RGB) copies: exact matches, and the
+        images whose coarse thumbnail correlates with it (any flip or quarter turn) and
+        whose fine thumbnail's detail correlates at least ``min_detail_correlation``
+        (by default :func:`detail_threshold` less ``leeway``; see
+        :func:`detail_correlations`). Best first."""
+        found = {ref: ImageCandidate(ref, 1.0, 1.0, exact=True)
                  for ref in self.exact_matches(pixels)}
-        if len(self._refs):
-            query = thumbnail(pixels)
-            views = _orientations(query)
-            hashes = np.array([perceptual_hash(v) for v in views], dtype=np.uint64)
-            distances = np.bitwise_count(self._phashes[:, None] ^ hashes[None, :])
-            for i in np.flatnonzero(distances.min(axis=1) <= hamming):
-                best = self._confirm(i, views, distances[i], hamming)
-                if best and best.correlation >= min_correlation and \
-                        best.detail_correlation >= min_detail_correlation:
+        if self._refs:
+            query = _Query(pixels)
+            for i, orientations in self._coarse_candidates(query):
+                best = self._confirm(i, orientations, query)
+                threshold = (detail_threshold(self._fine[i].shape[0]) - leeway
+                             if min_detail_correlation is None else min_detail_correlation)
+                if best.detail_correlation >= threshold:
                     found.setdefault(best.ref, best)
         return sorted(found.values(), key=lambda c: (not c.exact, -c.detail_correlation))
 
-    def _confirm(self, i: int, views, distances, hamming: int) -> ImageCandidate | None:
-        stored = self._thumbs[i].astype(np.float64) / 255
-        stored_plain, stored_detail = _zscore(stored), _zscore(_detail(stored))
-        if stored_plain is None or stored_detail is None:
-            return None
-        best = None
-        for view, distance in zip(views, distances):
-            if distance > hamming:
-                continue
-            plain, detail = _zscore(view), _zscore(_detail(view))
-            if plain is None or detail is None:
-                continue
-            candidate = ImageCandidate(self._refs[i], int(distance), float(plain @ stored_plain),
-                                       float(detail @ stored_detail))
-            if best is None or candidate.detail_correlation > best.detail_correlation:
-                best = candidate
+    def _coarse_candidates(self, query: _Query) -> list[tuple[int, list[int]]]:
+        """The indexed images most like ``query`` on the coarse grid, each with the
+        orientations worth confirming; none when too few cells are unclipped (an image
+        that is mostly background or clipped: the detail could not be compared either)."""
+        cells, valid = query.cells(COARSE_SIZE)
+        if int(valid.sum()) < MIN_COARSE_CELLS:
+            return []
+        scores = np.full((len(self._refs), 8), -1.0)
+        for k in range(8):
+            mask = _orient(valid, k).ravel().astype(np.float64)
+            values = _orient(cells, k).ravel().astype(np.float64)
+            n = mask.sum()
+            centred = (values - (values @ mask) / n) * mask
+            q_norm = centred @ centred
+            if q_norm <= 1e-12:
+                return []
+            sums = self._coarse @ mask
+            spread = self._coarse_squared @ mask - sums * sums / n
+            # Either sign: an inverted copy counts too.
+            scores[:, k] = np.abs(self._coarse @ centred) / np.sqrt(
+                np.maximum(spread, 1e-12) * q_norm)
+        best = scores.max(axis=1)
+        order = [i for i in np.argsort(-best)[:MAX_CANDIDATES] if best[i] >= COARSE_THRESHOLD]
+        # A chest is nearly symmetric: a mirrored copy may correlate about as well unmirrored.
+        return [(int(i), [int(k) for k in np.argsort(-scores[i])[:2]
+                          if scores[i, k] >= best[i] - 0.02]) for i in order]
+
+    def _confirm(self, i: int, orientations: list[int], query: _Query) -> ImageCandidate:
+        stored = self._fine[i].astype(np.float64)
+        detail_of_query = query.detail(stored.shape[0])
+        best = ImageCandidate(self._refs[i], 0.0, -1.0)
+        for k in orientations:
+            plain, detail = _compare(detail_of_query, k, stored)
+            if detail > best.detail_correlation:
+                best = ImageCandidate(self._refs[i], plain, detail)
         return best
