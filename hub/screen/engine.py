@@ -5,8 +5,10 @@ that cannot be read is a finding and a block, never an exception."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import embedded
@@ -15,7 +17,7 @@ from .model import (BLOCK, PASS, REVIEW, RULE_EMBEDDED_DATA, RULE_FILE_SIZE,
                     RULE_FILE_TYPE, RULE_MALFORMED, RULE_MODEL_WEIGHTS, RULE_PATH, Collector,
                     FileVerdict, ScreenConfig, worst)
 from .notebook import NotebookScreen
-from .tables import check_table, csv_table, html_tables, text_tables
+from .tables import check_table, csv_table
 from .text import IndexProbe, scan_text
 
 _DEFAULT = ScreenConfig()
@@ -26,25 +28,159 @@ def _verdict(path: str, col: Collector) -> FileVerdict:
                        list(col.findings))
 
 
+def _unreadable(col: Collector, error: str) -> None:
+    if error == "RecursionError":
+        col.add(RULE_MALFORMED, BLOCK, "file", "nested too deeply to screen")
+    else:
+        col.add(RULE_MALFORMED, BLOCK, "file", f"the screen could not read this file ({error})")
+
+
 def screen_bytes(name: str, data: bytes, *, indexes: Iterable = (),
                  config: ScreenConfig = _DEFAULT) -> FileVerdict:
     """Screen one file's bytes; ``name`` is only reported (and tells notebooks, CSV and model
     files apart from other text); the content decides everything else."""
     col = Collector(config, indexes)
+    images = _ImageChecks(col)
+    error = None
     try:
-        _Screen(col, IndexProbe(col.indexes)).content(bytes(data), name, "file", 0)
-    except RecursionError:
-        col.add(RULE_MALFORMED, BLOCK, "file", "nested too deeply to screen")
+        _Screen(col, IndexProbe(col.indexes), images).content(bytes(data), name, "file", 0)
     except Exception as err:  # noqa: BLE001 - never crash on hostile input: block instead
-        col.add(RULE_MALFORMED, BLOCK, "file",
-                f"the screen could not read this file ({type(err).__name__})")
+        error = type(err).__name__
+    except BaseException:
+        images.close()
+        raise
+    # Every image met before a failure was checked, as if inline; the first failure wins.
+    error = images.finish() or error
+    if error:
+        _unreadable(col, error)
     return _verdict(name, col)
 
 
+# --- image checks, in parallel for large files --------------------------------------------
+
+_WORKER: tuple | None = None  # (config, indexes) of a forked image-check process
+
+
+def _init_worker(config: ScreenConfig, indexes: list) -> None:
+    global _WORKER
+    _WORKER = (config, indexes)
+    # Fingerprint matching is small matrix products: BLAS threads only spin against the
+    # other workers (measured: 5x the CPU, 4x the wall time of one thread per process).
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def _check_images(batch: list, context: tuple | None = None) -> list:
+    """[(findings, error type name or None)] of ``[(bytes, location)]``; stops at the first
+    failure, which ends the screen of the file."""
+    config, indexes = context or _WORKER
+    out = []
+    for data, location in batch:
+        col = Collector(config, indexes)
+        try:
+            check_image(data, col, location)
+        except Exception as err:  # noqa: BLE001 - reported as the file's failure
+            out.append((col.findings, type(err).__name__))
+            break
+        out.append((col.findings, None))
+    return out
+
+
+class _ImageChecks:
+    """The image checks of one file, out of line: each image's findings are spliced back at
+    the place it was met, so the findings and their order do not depend on where it ran.
+
+    Images wait in a batch; once a file's images hold ``parallel_min_bytes`` they go to a
+    pool of forked processes (while this one screens the text), so small files never start
+    one. What is left runs here."""
+
+    _BATCH_BYTES = 1 << 20
+    _BATCH_IMAGES = 16
+
+    def __init__(self, col: Collector):
+        self.col = col
+        cfg = col.config
+        self.workers = cfg.workers or os.cpu_count() or 1
+        self.places: list[int] = []  # len(col.findings) where each image was met
+        self.pending: list[tuple[bytes, str]] = []
+        self.pending_bytes = 0
+        self.done: list = []  # results, or futures of batches, in order
+        self.pool: ProcessPoolExecutor | None = None
+
+    def add(self, data: bytes, location: str) -> None:
+        self.places.append(len(self.col.findings))
+        self.pending.append((data, location))
+        self.pending_bytes += len(data)
+        if self.pool is None and self.pending_bytes >= self.col.config.parallel_min_bytes:
+            self.pool = self._start()
+        if self.pool is not None and (self.pending_bytes >= self._BATCH_BYTES
+                                      or len(self.pending) >= self._BATCH_IMAGES):
+            self._submit()
+
+    def _start(self) -> ProcessPoolExecutor | None:
+        # Indexes without images have nothing to compare a figure with.
+        if self.workers < 2 or len(self.pending) < 2 or multiprocessing.current_process().daemon \
+                or not any(getattr(ix, "counts", {}).get("images", 1) for ix in self.col.indexes):
+            return None
+        try:
+            return ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
+                                       initializer=_init_worker,
+                                       initargs=(self.col.config, self.col.indexes))
+        except (OSError, ValueError):  # no fork here, or no processes left: check inline
+            self.workers = 1
+            return None
+
+    def _submit(self) -> None:
+        batch, self.pending, self.pending_bytes = self.pending, [], 0
+        if batch:
+            try:
+                self.done.append(self.pool.submit(_check_images, batch))
+            except Exception as err:  # noqa: BLE001 - the pool broke (a worker was killed)
+                self.done.append([([], type(err).__name__)])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def finish(self) -> str | None:
+        """Splice every image's findings in; the type name of the first failure, if any."""
+        if self.pending:
+            if self.pool is not None:
+                self._submit()
+            else:
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(1, user_api="blas"):
+                    self.done.append(_check_images(
+                        self.pending, (self.col.config, self.col.indexes)))
+                self.pending = []
+        results = []
+        try:
+            for batch in self.done:
+                try:
+                    got = batch if isinstance(batch, list) else batch.result()
+                except Exception as err:  # noqa: BLE001 - a worker died (memory?)
+                    got = [([], type(err).__name__)]
+                results += got
+                if got and got[-1][1]:
+                    break
+        finally:
+            self.close()
+        inserts = list(zip(self.places, (found for found, _ in results)))
+        error = results[-1][1] if results else None
+        if error:
+            self.col.truncate(self.places[len(results) - 1])
+        self.col.splice(inserts)
+        return error
+
+
 class _Screen:
-    def __init__(self, col: Collector, probe: IndexProbe):
+    def __init__(self, col: Collector, probe: IndexProbe, images: _ImageChecks):
         self.col = col
         self.probe = probe
+        self.images = images
 
     def nested(self, data: bytes, location: str, name: str, only_known: bool = False,
                depth: int = 1) -> bool:
@@ -81,7 +217,7 @@ class _Screen:
         if kind in (embedded.PNG, embedded.JPEG, embedded.GIF):
             if kind not in cfg.allowed_types:
                 col.add(RULE_FILE_TYPE, REVIEW, where, f"a {kind.upper()} image (not allowed)")
-            check_image(data, col, where)
+            self.images.add(data, where)
             return
         if kind == embedded.PDF:
             text = data.decode("latin-1")
@@ -124,15 +260,9 @@ class _Screen:
             if table is not None:
                 check_table(table, col, where, is_csv=True)
             return
-        scan_text(text, self.probe, col, where)
-        if "<table" in text[:1 << 20].lower() or lower.endswith((".html", ".htm")):
-            for t, table in enumerate(html_tables(text), 1):
-                check_table(table, col, f"{where} table {t}")
-        else:
-            for t, table in enumerate(text_tables(text), 1):
-                check_table(table, col, f"{where} table {t}")
-        if "base64," in text:
-            NotebookScreen(col, self.probe, self.nested).data_uris(text, where)
+        html = "<table" in text[:1 << 20].lower() or lower.endswith((".html", ".htm"))
+        NotebookScreen(col, self.probe, self.nested).scan(text, where,
+                                                         tables="html" if html else "text")
 
     def archive(self, kind: str, data: bytes, where: str, depth: int) -> None:
         col, cfg = self.col, self.col.config

@@ -96,11 +96,16 @@ class ScreenConfig:
     # the file types that may leave (by content); anything else is a finding
     allowed_types: tuple[str, ...] = ("csv", "png", "jpeg", "svg", "html", "txt", "json",
                                       "ipynb", "md", "pdf")
+    # image checks of one file in parallel (forked processes); findings keep their order
+    workers: int = 0  # processes; 0: os.cpu_count(); 1: never a pool
+    parallel_min_bytes: int = 2 * MB  # a file's images start a pool once they hold this much
 
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ValueError(f"unknown screen profile {self.profile!r} "
                              f"(one of {', '.join(PROFILES)})")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per CPU) or more, not {self.workers}")
 
 
 class Collector:
@@ -118,6 +123,27 @@ class Collector:
         if key not in self._seen:
             self._seen.add(key)
             self.findings.append(Finding(rule, severity, location, detail))
+
+    def splice(self, inserts) -> None:
+        """Put findings made elsewhere (image checks in other processes) where they would
+        have been added: ``inserts`` is ``(len(findings) at that moment, [Finding…])`` in
+        the order they were met. Duplicates are dropped as :meth:`add` drops them."""
+        merged: list[Finding] = []
+        done = 0
+        for position, found in inserts:
+            merged += self.findings[done:position]
+            merged += found
+            done = position
+        merged += self.findings[done:]
+        self.findings, self._seen = [], set()
+        for f in merged:
+            self.add(f.rule, f.severity, f.location, f.detail)
+
+    def truncate(self, position: int) -> None:
+        """Forget findings from ``position`` on (what came after a failure)."""
+        for f in self.findings[position:]:
+            self._seen.discard((f.rule, f.location, f.detail))
+        del self.findings[position:]
 
     @property
     def cohort_size(self) -> int:

@@ -8,6 +8,7 @@ import binascii
 import json
 import re
 
+from . import embedded
 from .model import BLOCK, RULE_MALFORMED, Collector
 from .tables import check_table, html_tables, text_tables
 from .text import scan_text
@@ -15,6 +16,9 @@ from .text import scan_text
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
 _B64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 _DATA_URI_RE = re.compile(r"data:[\w/+.-]+;base64,([A-Za-z0-9+/=\s]{16,})")
+_B64_SEGMENT_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+#: How each image format ends: a payload with more in it than one image is read as text too.
+_IMAGE_ENDS = {embedded.PNG: b"IEND\xaeB`\x82", embedded.JPEG: b"\xff\xd9", embedded.GIF: b";"}
 
 
 def _text(value) -> str:
@@ -56,7 +60,8 @@ class NotebookScreen:
             if not isinstance(cell, dict):
                 col.add(RULE_MALFORMED, BLOCK, where, "a cell that is not an object")
                 continue
-            scan_text(_text(cell.get("source", "")), self.probe, col, f"{where} source")
+            # markdown cells may paste images as data URIs
+            self.scan(_text(cell.get("source", "")), f"{where} source")
             self.walk(cell.get("metadata", {}), f"{where} metadata")
             attachments = cell.get("attachments") or {}
             if isinstance(attachments, dict):
@@ -85,7 +90,8 @@ class NotebookScreen:
                     f"a huge output ({size} characters, limit {col.config.max_output_bytes})")
         kind = out.get("output_type")
         if kind == "stream":
-            self.text_output(_text(out.get("text", "")), f"{where} {out.get('name', 'stream')}")
+            self.scan(_text(out.get("text", "")), f"{where} {out.get('name', 'stream')}",
+                      tables="text")
         elif kind == "error":
             scan_text(_text(out.get("traceback", [])) + "\n" + _text(out.get("evalue", "")),
                       self.probe, col, f"{where} error")
@@ -106,30 +112,50 @@ class NotebookScreen:
                 else:
                     self.screen_nested(data, loc, mime.replace("/", "."))
             elif mime == "text/html":
-                html = _text(value)
-                scan_text(html, self.probe, self.col, loc)
-                for t, table in enumerate(html_tables(html), 1):
-                    check_table(table, self.col, f"{loc} table {t}")
-                self.data_uris(html, loc)
+                self.scan(_text(value), loc, tables="html")
             elif mime in ("text/plain", "text/markdown", "text/latex", "image/svg+xml"):
-                self.text_output(_text(value), loc, tables=mime == "text/plain")
-                self.data_uris(_text(value), loc)
+                self.scan(_text(value), loc, tables="text" if mime == "text/plain" else None)
             else:
                 self.walk(value, loc)
 
-    def text_output(self, text: str, where: str, *, tables: bool = True) -> None:
-        scan_text(text, self.probe, self.col, where)
+    def scan(self, text: str, where: str, *, tables: str | None = None) -> None:
+        """Text rules over ``text``, its tables (``"html"`` or ``"text"``), then the files in
+        its data URIs. A payload that holds a known kind of file (an image, an array, an
+        archive …) is screened as that file, and the text rules skip it: base64 is no text."""
+        uris = self._data_uris(text, where) if "base64," in text else []
+        scanned = text
+        if any(start < end for start, end, _data, _loc in uris):
+            pieces, done = [], 0
+            for start, end, _data, _loc in uris:
+                pieces.append(text[done:start])
+                done = end
+            scanned = "".join(pieces) + text[done:]
+        scan_text(scanned, self.probe, self.col, where)
         if tables:
-            for t, table in enumerate(text_tables(text), 1):
+            found = html_tables(text) if tables == "html" else text_tables(text)
+            for t, table in enumerate(found, 1):
                 check_table(table, self.col, f"{where} table {t}")
+        for _start, _end, data, loc in uris:
+            self.screen_nested(data, loc, "", only_known=True)
 
-    def data_uris(self, text: str, where: str) -> None:
-        if "base64," not in text:
-            return
+    @staticmethod
+    def _data_uris(text: str, where: str) -> list:
+        """(start, end, bytes, location) of each data URI payload of a known kind of file;
+        ``start == end`` unless the payload is exactly one whole image (its base64 and
+        nothing after it but white space): only that span is kept from the text rules."""
+        out = []
         for n, m in enumerate(_DATA_URI_RE.finditer(text), 1):
             data = _b64(m.group(1))
-            if data:
-                self.screen_nested(data, f"{where} data URI {n}", "", only_known=True)
+            kind = embedded.sniff(data) if data else None
+            if kind is None:
+                continue
+            start = end = m.start(1)
+            payload = _B64_SEGMENT_RE.match(text, start)
+            if kind in _IMAGE_ENDS and data.endswith(_IMAGE_ENDS[kind]) and \
+                    not text[payload.end():m.end(1)].strip():
+                end = payload.end()
+            out.append((start, end, data, f"{where} data URI {n}"))
+        return out
 
     def walk(self, value, where: str) -> None:
         """Any JSON value (metadata, widget state, JSON outputs): its text and its base64."""

@@ -58,14 +58,18 @@ _ONE_TO_ONE = _one_to_one_table()
 
 def fold_width(text: str) -> str:
     """Full-width digits, letters and punctuation as ASCII, one character for one (offsets kept)."""
+    if text.isascii():  # nothing to fold (and translate() is slow)
+        return text
     return text.translate(_ONE_TO_ONE)
 
 
 # --- resident registration numbers -----------------------------------------------------
 
+# A leading lookahead (a digit here) lets the regex engine skip to possible starts fast.
 _RRN_RE = re.compile(
-    r"(?<![\d.,])(?P<birth>\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))"
+    r"(?=\d)(?<![\d.,])(?P<birth>\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))"
     r"(?P<sep>\s?-\s?|\s)?(?P<sex>[1-8])(?P<rest>\d{6}|\*{6}|[xX]{6})(?![\d*]|[.,]\d)")
+_SIX_DIGITS_RE = re.compile(r"\d{6}")
 _RRN_CONTEXT = re.compile(r"주민|rrn|resident|registration|jumin", re.I)
 _RRN_WEIGHTS = (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5)
 
@@ -79,6 +83,8 @@ def rrn_check_digit_valid(digits: str) -> bool:
 
 
 def _find_rrns(text: str) -> list[IdentifierMatch]:
+    if not _SIX_DIGITS_RE.search(text):  # the birth date: six digits in a row
+        return []
     out = []
     for m in _RRN_RE.finditer(text):
         rest = m.group("rest")
@@ -99,14 +105,14 @@ def _find_rrns(text: str) -> list[IdentifierMatch]:
 # Hangul may touch the number ("휴대폰010-…", "…5678로"): only ASCII letters and digits
 # around it make it part of something else.
 _PHONE_RE = re.compile(
-    r"""(?<![A-Za-z0-9_+.])
+    r"""(?=[+(0])(?<![A-Za-z0-9_+.])
     (?:(?P<intl>\+82[\s.-]?(?:\(0\)[\s.-]?)?)|(?P<paren>\()?0)
     (?P<area>1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80)
     (?(paren)\))
     (?P<sep1>[\s.-]?)(?P<mid>\d{3,4})(?P<sep2>[\s.-]?)(?P<last>\d{4})
     (?![A-Za-z0-9_]|[.,]\d)""", re.X)
 # Nationwide numbers (1588-xxxx …) look like ranges ("1500-2000 HU") without a phone word.
-_REPRESENTATIVE_RE = re.compile(r"(?<![\w.-])1[5-9]\d\d-\d{4}(?![\w-]|[.,]\d)")
+_REPRESENTATIVE_RE = re.compile(r"(?=1)(?<![\w.-])1[5-9]\d\d-\d{4}(?![\w-]|[.,]\d)")
 _PHONE_CONTEXT = re.compile(r"phone|tel\b|mobile|fax|연락|전화|휴대|핸드폰|☎", re.I)
 
 
@@ -141,13 +147,15 @@ _EMAIL_RE = re.compile(
 
 
 def _find_emails(text: str) -> list[IdentifierMatch]:
+    if "@" not in text:
+        return []
     return [IdentifierMatch(EMAIL, m.start(), m.end(), 0.95) for m in _EMAIL_RE.finditer(text)]
 
 
 # --- dates -----------------------------------------------------------------------------
 
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_MONTH_RE = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+_MONTH_RE = r"(?i:(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?)"
 
 #: A whole value that is a date: ISO-like with - . / or none, an optional time after it.
 _DATE_VALUE_RE = re.compile(
@@ -175,9 +183,11 @@ def parse_date(value: str) -> dt.date | None:
     return None
 
 
-# Dates inside free text, for the date-of-birth recognizer.
+# Dates inside free text, for the date-of-birth recognizer. The lookahead on the first
+# character (a digit or a month's initial) lets the scan skip other positions fast; only
+# month names ignore case.
 _DATE_IN_TEXT_RE = re.compile(
-    r"(?<![\d.])(?:"
+    r"(?i:(?=[\dadfjmnos]))(?<![\d.])(?:"
     r"(?:19|20)\d\d[-./ ](?:0?[1-9]|1[0-2])[-./ ](?:0?[1-9]|[12]\d|3[01])"
     r"|(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
     r"|(?:19|20)\d\d\s*년\s*\d{1,2}\s*월\s*\d{1,2}\s*일"
@@ -186,11 +196,26 @@ _DATE_IN_TEXT_RE = re.compile(
     rf"|{_MONTH_RE}\s+\d{{1,2}},?\s+(?:19|20)\d\d"
     rf"|\d{{1,2}}\s+{_MONTH_RE},?\s+(?:19|20)\d\d"
     r"|\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # YYMMDD: only right after a birth word
-    r")(?![\d]|[.,]\d)", re.I)
+    r")(?![\d]|[.,]\d)")
 _BIRTH_CONTEXT = re.compile(r"birth|born|\bdob\b|d\.o\.b|생년월일|생일|출생", re.I)
 
 
+# Without the word boundaries: a search that ends right after "DOB" (as the recognizer's
+# does) finds it even when a digit follows in the whole text.
+_BIRTH_WORD = re.compile(r"birth|born|dob|d\.o\.b|생년월일|생일|출생", re.I)
+
+
+def _has_birth_word(text: str) -> bool:
+    """Whether a birth word may be anywhere in ``text`` (a cheap test before the scan)."""
+    if text.isascii():  # lower() is exact for ASCII and "in" is far faster than the regex
+        lowered = text.lower()
+        return any(word in lowered for word in ("birth", "born", "dob", "d.o.b"))
+    return _BIRTH_WORD.search(text) is not None
+
+
 def _find_birth_dates(text: str) -> list[IdentifierMatch]:
+    if not _has_birth_word(text):  # no date of birth (and no scan for dates)
+        return []
     out = []
     previous_end = 0
     for m in _DATE_IN_TEXT_RE.finditer(text):
@@ -328,7 +353,8 @@ _NAME_CONTEXT_BEFORE = re.compile(
     r"\.?\s*[:=]?\s*$", re.I)
 _NAME_CONTEXT_AFTER = re.compile(r"^\s*(?:\(\s*(?:남|여|m|f|\d{1,3})|님|씨|환자)", re.I)
 _ROMAN_IN_CONTEXT_RE = re.compile(
-    r"(?i:\b(?P<ctx>patient|pt|name|mr|mrs|ms|miss|dr|doctor|prof|physician|referred by)\b)"
+    r"(?i:(?=[pnmdr])"
+    r"\b(?P<ctx>patient|pt|name|mr|mrs|ms|miss|dr|doctor|prof|physician|referred by)\b)"
     r"\.?\s*[:=]?\s*(?P<name>[A-Z][A-Za-z'-]+(?:,?[ ][A-Z][A-Za-z'-]+){1,2})")
 _HONORIFIC_TITLES = {"mr", "mrs", "ms", "miss", "dr", "doctor", "prof"}
 
@@ -338,6 +364,8 @@ _HANGUL_PREFIXES = ("환자명", "환자", "성명", "이름", "성함", "보호
 
 
 def _find_hangul_names(text: str) -> list[IdentifierMatch]:
+    if text.isascii():
+        return []
     out = []
     for m in _HANGUL_RUN_RE.finditer(text):
         run, start = m.group(), m.start()
@@ -387,6 +415,8 @@ def _find_romanised_names(text: str) -> list[IdentifierMatch]:
 
 
 def _find_pn_shaped(text: str) -> list[IdentifierMatch]:
+    if "^" not in text:
+        return []
     out = []
     for m in _PN_IN_TEXT_RE.finditer(text):
         if looks_like_person_name(m.group()):

@@ -116,34 +116,32 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, location: str,
-                             *, lines: bool = True) -> None:
-    """Block on any screening-index value in ``text`` (case and separators ignored)."""
-    if not probe or not text:
-        return
-    if not text.isascii():
-        text = unicodedata.normalize("NFKC", text)
-    max_words = max(1, col.config.max_window_words)
-    hits: dict[str, int] = {}
+# A run of tokens, each joined to the next by one joiner (- . _ / :) or a space (" ", "  ",
+# a tab, ", " or "; "): the only places where a candidate spans several tokens.
+_RUN_RE = re.compile(r"[^\W_]+(?:(?:[-._/:]|  ?|\t|, |; )[^\W_]+)*")
+_NO_GAPS = str.maketrans("", "", "-._/: \t,;")  # a run's token characters, for its length
 
-    def hit(kind: str, pos: int) -> None:
-        hits.setdefault(kind, pos)
 
-    tokens = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(text)]
+def _scan_run(offset: int, run: str, kind_of, max_words: int,
+              hits: dict[str, int]) -> None:
+    """Probe every candidate spelling inside one run: tokens joined whole, up to
+    ``_MAX_RUN_TOKENS`` tokens and ``max_words`` words with letters joined by spaces."""
+    tokens = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(run)]
     n = len(tokens)
-    # gap class after token i: 1 = a joiner (one of - . _ / :), 2 = a space, 0 = a break
-    gaps = []
-    for i in range(n - 1):
-        gap = text[tokens[i][1]:tokens[i + 1][0]]
-        if len(gap) == 1 and gap in _JOINERS:
-            gaps.append(1)
-        elif gap in (" ", "  ", "\t", ", ", "; "):
-            gaps.append(2)
-        else:
-            gaps.append(0)
+    if n == 1:
+        norm = run.casefold()
+        if MIN_VALUE_CHARS <= len(norm) <= _MAX_VALUE_CHARS:
+            candidate = _numeric_candidate(run, norm) if norm.isdigit() else norm
+            if candidate:
+                kind = kind_of(candidate)
+                if kind:
+                    hits.setdefault(kind, offset)
+        return
+    # gap class after token i: 1 = a joiner, 2 = a space (the run has no other gaps)
+    gaps = [1 if tokens[i][1] + 1 == tokens[i + 1][0] and run[tokens[i][1]] in _JOINERS else 2
+            for i in range(n - 1)]
     gaps.append(0)
-    kind_of = probe.kind
-    words = [text[a:b] for a, b in tokens]
+    words = [run[a:b] for a, b in tokens]
     folded = [w.casefold() for w in words]
     has_letter = [not w.isdigit() for w in words]
     for i in range(n):
@@ -157,14 +155,13 @@ def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, locat
                 break
             if len(norm) >= MIN_VALUE_CHARS:
                 if norm.isdigit():
-                    raw = text[start:tokens[j][1]]
-                    candidate = _numeric_candidate(raw, norm)
+                    candidate = _numeric_candidate(run[start:tokens[j][1]], norm)
                 else:
                     candidate = norm
                 if candidate:
                     kind = kind_of(candidate)
                     if kind:
-                        hit(kind, start)
+                        hits.setdefault(kind, offset + start)
             g = gaps[j]
             if not g or j - i + 1 >= _MAX_RUN_TOKENS:
                 break
@@ -176,11 +173,33 @@ def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, locat
                 if spaces >= max_words:
                     break
             j += 1
+
+
+def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, location: str,
+                             *, lines: bool = True) -> None:
+    """Block on any screening-index value in ``text`` (case and separators ignored)."""
+    if not probe or not text:
+        return
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    max_words = max(1, col.config.max_window_words)
+    hits: dict[str, int] = {}
+    # Candidates never cross a break between tokens, so only runs of tokens joined by a
+    # joiner or a space are windowed; a run too short to hold an indexed value is skipped
+    # whole (most numbers and words of a log or a table).
+    for run in _RUN_RE.finditer(text):
+        value = run.group()
+        if len(value) < 12 and value.isascii():
+            if len(value.translate(_NO_GAPS)) < MIN_VALUE_CHARS:
+                continue
+        elif len(value) < MIN_VALUE_CHARS and len(value.casefold()) < MIN_VALUE_CHARS:
+            continue  # (casefold may lengthen a word: ß → ss)
+        _scan_run(run.start(), value, probe.kind, max_words, hits)
     for start, _end, candidates in _dates_in(text):
         for c in candidates:
             kind = probe.kind(c)
             if kind:
-                hit(kind, start)
+                hits.setdefault(kind, start)
                 break
     for kind, pos in hits.items():
         where = f"{location} line {_line_of(text, pos)}" if lines else location
