@@ -20,7 +20,7 @@ it must be timezone-aware.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from . import audit
 from .accounts import ROLE_DATA_STEWARD, get_user
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
-from .models import AccessApplication, User, utcnow
+from .models import AccessApplication, User, as_utc
 from .registry import get_dataset, validate_dataset_id
 
 DEFAULT_DAYS = 90
@@ -39,12 +39,6 @@ MAX_DAYS = 3650
 NO_REASON = "no reason given"
 
 
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        return utcnow()
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError(f"naive datetime {now!r}: give a timezone-aware one")
-    return now.astimezone(timezone.utc)
 
 
 def _days(days: int) -> int:
@@ -77,7 +71,7 @@ def application_state(app: AccessApplication, now: datetime | None = None) -> st
     # restore access. Likewise approve() always sets an expiry; without one, fail closed.
     if app.revoked_at is not None:
         return "revoked"
-    if app.expires_at is None or app.expires_at <= _now(now):
+    if app.expires_at is None or app.expires_at <= as_utc(now):
         return "expired"
     return "approved"
 
@@ -132,7 +126,7 @@ def apply(
     now: datetime | None = None,
 ) -> AccessApplication:
     """Apply as *user* for *dataset_ids*, for *purpose*, for *days* days once approved."""
-    now = _now(now)
+    now = as_utc(now)
     if isinstance(dataset_ids, str):
         dataset_ids = [dataset_ids]
     ids = list(dict.fromkeys(dataset_ids))  # drop repeats, keep the order given
@@ -183,7 +177,7 @@ def approve(
     now: datetime | None = None,
 ) -> AccessApplication:
     """Approve a pending application; the grant expires *days* (default: as requested) from now."""
-    now = _now(now)
+    now = as_utc(now)
     app = _decide(session, application_id, reviewer, "approved", reason, now)
     days = app.requested_days if days is None else _days(days)
     app.granted_days = days
@@ -214,7 +208,7 @@ def reject(
     now: datetime | None = None,
 ) -> AccessApplication:
     """Reject a pending application."""
-    now = _now(now)
+    now = as_utc(now)
     app = _decide(session, application_id, reviewer, "rejected", reason, now)
     audit.append(
         session,
@@ -257,7 +251,7 @@ def revoke(
     now: datetime | None = None,
 ) -> AccessApplication:
     """End a live grant before its expiry."""
-    now = _now(now)
+    now = as_utc(now)
     _name("whoever revokes", actor)
     app = _get(session, application_id, lock=True)
     state = application_state(app, now)
@@ -289,7 +283,7 @@ def list_applications(
     Each returned application also carries ``state``, its :func:`application_state` at
     *now*, for faces that print it.
     """
-    now = _now(now)
+    now = as_utc(now)
     query = select(AccessApplication).order_by(AccessApplication.id)
     if user is not None:
         query = query.where(AccessApplication.user_id == get_user(session, user).id)
@@ -305,7 +299,7 @@ def live_grants(session: Session, user: str, now: datetime | None = None) -> lis
     Empty for an unknown or unapproved account: a spawner asking about someone the store
     does not know (or no longer trusts) mounts nothing.
     """
-    now = _now(now)
+    now = as_utc(now)
     account = session.scalar(select(User).where(User.name == user))
     if account is None or not account.approved:
         return []
@@ -327,7 +321,7 @@ def live_grants(session: Session, user: str, now: datetime | None = None) -> lis
 
 def expire_due(session: Session, now: datetime | None = None) -> list[AccessApplication]:
     """Record the expiry of approved grants whose time has passed; one audit row each."""
-    now = _now(now)
+    now = as_utc(now)
     due = session.scalars(
         select(AccessApplication)
         .where(AccessApplication.status == "approved", AccessApplication.expires_at <= now)

@@ -44,7 +44,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -57,7 +57,8 @@ from .access import live_grants
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
-from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, utcnow
+from .manifest import sha256_file
+from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, as_utc
 from .registry import get_dataset
 from .risk_report import parse_risk_report
 
@@ -95,12 +96,6 @@ def user_home(home: MedZoneHome, user: str) -> Path:
     return home.root / "homes" / user
 
 
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        return utcnow()
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError(f"naive datetime {now!r}: give a timezone-aware one")
-    return now.astimezone(timezone.utc)
 
 
 def _subject(request_id: int) -> str:
@@ -175,14 +170,6 @@ def _checked_file(root: Path, path: Path, raw: str) -> str:
 
 
 # --- files -------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _copy_file(src: Path, dst: Path, *, inside: Path | None = None) -> tuple[str, int]:
     """Copy *src* (no symlink followed at the last step) to a new *dst*, fsynced, 0444.
@@ -374,7 +361,7 @@ def overall_verdict(verdicts: Iterable[str]) -> str:
 def set_review_approvals(session: Session, dataset_id: str, approvals: int, *,
                          actor: str, now: datetime | None = None) -> ExportPolicy:
     """Set how many distinct approvals a flagged (``review``) export touching *dataset_id* needs."""
-    now = _now(now)
+    now = as_utc(now)
     if isinstance(approvals, bool) or not isinstance(approvals, int) or not (
             1 <= approvals <= MAX_APPROVALS):
         raise InvalidInput(f"approvals must be a whole number from 1 to {MAX_APPROVALS}")
@@ -502,7 +489,7 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
 
     The quarantine folder is removed again if that transaction rolls back.
     """
-    now = _now(now)
+    now = as_utc(now)
     reason = _reason_text(reason)
     requester = _requester(session, staged.user)
     if live_grants(session, staged.user, now) != staged.dataset_ids:
@@ -553,7 +540,7 @@ def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Ite
     that holds the database's write lock while the files are copied and screened.
     :func:`submit_export` does the same without holding it.
     """
-    now = _now(now)
+    now = as_utc(now)
     _reason_text(reason)
     _requester(session, user)
     staged = stage_export(home, user=user, paths=paths,
@@ -574,7 +561,7 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
     for attempt in range(attempts):
         with store.session() as session:
             _requester(session, user)
-            grants = live_grants(session, user, _now(now))
+            grants = live_grants(session, user, as_utc(now))
         staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
                               risk_report=risk_report)
         try:
@@ -731,7 +718,7 @@ def review_export(session: Session, request_id: int, *, reviewer: str, approve: 
     :class:`MissingRiskReport` (:func:`decide_export` audits that refusal); rejecting it
     is always possible.
     """
-    now = _now(now)
+    now = as_utc(now)
     request = get_request(session, request_id, lock=True)
     account = _check_reviewer(session, reviewer, request)
     if request.state == "blocked":
@@ -782,7 +769,7 @@ def record_refused_approval(session: Session, err: MissingRiskReport, *,
                  detail={"user": err.user, "reviewer": err.reviewer,
                          "outcome": "approval refused",
                          "reason": "model weights without a disclosure-risk report",
-                         "paths": err.paths}, time=_now(now))
+                         "paths": err.paths}, time=as_utc(now))
 
 
 def decide_export(store, request_id: int, *, reviewer: str, approve: bool,
@@ -854,7 +841,7 @@ def authorize_release(session: Session, home: MedZoneHome, request_id: int, *, u
     file; on a mismatch raises :class:`TamperedQuarantine` after auditing the refusal in
     its own committed transaction (the caller's session is left rolled back).
     """
-    now = _now(now)
+    now = as_utc(now)
     request = get_request(session, request_id, lock=True)
     if request.user.name != user:
         raise RuleViolation(f"only {request.user.name!r}, who requested export {request.id}, "
@@ -894,7 +881,7 @@ def record_tamper(session: Session, err: TamperedQuarantine, *,
     audit.append(session, actor=err.user, action="export.tamper",
                  subject=_subject(err.request_id),
                  detail={"user": err.user, "paths": err.paths,
-                         "outcome": "download refused"}, time=_now(now))
+                         "outcome": "download refused"}, time=as_utc(now))
 
 
 def write_release(home: MedZoneHome, request: ExportRequest, record: dict[str, Any],

@@ -46,6 +46,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(now: datetime | None) -> datetime:
+    """*now* (default: the current time) in UTC; a naive datetime is refused, because a
+    decision's time must not depend on the machine's time zone."""
+    if now is None:
+        return utcnow()
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"naive datetime {now!r}: give a timezone-aware one")
+    return now.astimezone(timezone.utc)
+
+
 class UTCDateTime(TypeDecorator):
     """A timezone-aware UTC datetime on every backend.
 

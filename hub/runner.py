@@ -27,7 +27,6 @@ kept and its path is part of the message.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MedZoneHome
+from .manifest import sha256_file
 from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
 
 #: Where the project's templates live (next to the ``hub/`` package folder).
@@ -282,14 +282,6 @@ def datasets_named(specs: dict[str, ParameterSpec], values: dict[str, Any]) -> d
             raise InvalidInput(f"parameter {name!r} names a dataset: give its id, not {value!r}")
         named[name] = value
     return named
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- failures ----------------------------------------------------------------------------

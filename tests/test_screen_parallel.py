@@ -9,27 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from medzone_hub.screen import ScreenConfig, load_indexes, screen_bytes
+from medzone_hub.screen import ScreenConfig, screen_bytes
 
 from .screen_corpus import (_code, _display, _figure, _html_table, _nb, _png, _result, _stream,
                             _window, dataset_facts)
+from .test_screen import indexes, zone  # noqa: F401 - the same ingested zone (fixtures)
 
 _forks = [0]
 os.register_at_fork(after_in_parent=lambda: _forks.__setitem__(0, _forks[0] + 1))
-
-
-@pytest.fixture(scope="module")
-def zone(module_env, cohort_dir):
-    from medzone_hub.ingest import ingest_dataset
-
-    ingest_dataset(module_env.home, module_env.store, "demo", cohort_dir, deidentify=True,
-                   pseudonym_key=b"k" * 32, actor="t", progress=False)
-    return module_env
-
-
-@pytest.fixture(scope="module")
-def indexes(zone):
-    return load_indexes(zone.home, ["demo"])
 
 
 @pytest.fixture(scope="module")
