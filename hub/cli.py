@@ -207,14 +207,15 @@ def cmd_access_decide(args, home: MedZoneHome) -> int:
         else:
             app = access.revoke(session, args.id, actor=args.by or default_actor(),
                                 reason=args.reason)
-        state = access.application_state(app, access.utcnow())
+        state = access.application_state(app)
         expires = _iso(app.expires_at)
     print(f"application {args.id}: {state}" + (f" until {expires}" if state == "approved" else ""))
     return 0
 
 
 def cmd_access_list(args, home: MedZoneHome) -> int:
-    from .access import expire_due, list_applications, utcnow
+    from .access import expire_due, list_applications
+    from .models import utcnow
 
     now = utcnow()
     with _open_store(home).session() as session:
