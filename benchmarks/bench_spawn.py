@@ -43,6 +43,7 @@ from medzone_hub import access, accounts, registry
 from medzone_hub.config import MedZoneHome
 from medzone_hub.db import connect
 from medzone_hub.hubapp import proxy_command, start_hub, stop_proxy
+from medzone_hub.processes import terminate
 
 SPAWNS = int(os.environ.get("MEDZONE_BENCH_SPAWNS", "7"))
 GOAL_RATIO = 1.3
@@ -161,12 +162,7 @@ class _Hub:
                 self._wait_gone(STOP_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the sweep below still ends the processes
                 pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
         self.proc = None
         try:
             stop_proxy(self.home)

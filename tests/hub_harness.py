@@ -31,6 +31,7 @@ from medzone_hub.config import MedZoneHome
 from medzone_hub.db import connect
 from medzone_hub.hubapp import proxy_command, start_hub, stop_proxy
 from medzone_hub.models import AuditEvent
+from medzone_hub.processes import terminate
 
 PASSWORD = "a-long-test-password-7"
 #: How often the test hub polls servers (the default is 15 s; the property is the same).
@@ -170,13 +171,8 @@ class Hub:
         raise AssertionError(f"the hub did not restart the portal:\n{self.log()}")
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
     def log(self) -> str:
