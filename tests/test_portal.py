@@ -521,7 +521,8 @@ def test_stewards_discard_a_sign_up(hub, people):
     # The sign-up is gone (no password to log in with); the store keeps the name, unapproved.
     assert _approved(hub, "nora") is False
     refused = login(hub, "nora", PASSWORD).login_response
-    assert "Invalid username or password" in refused.text, hub.log()
+    assert "Invalid username or password" in refused.text, (
+        re.findall(r"(?s)<p class=\"login_error\">\s*(.*?)\s*</p>", refused.text), hub.log())
     assert [e.actor for e in _events(hub, "user:nora") if e.action == "user.discard"] == ["stew"]
     row = stew.get("steward").text.split('id="account-nora"', 1)[1].split("</tr>", 1)[0]
     assert "discard" not in row  # nothing left to discard; approving still offered
