@@ -85,6 +85,22 @@ def test_small_files_do_not_start_a_pool(indexes, facts):
     assert "dataset-image" in {f.rule for f in verdict.findings}
 
 
+def test_a_screen_called_from_a_thread_never_forks(indexes, facts):
+    # The hub and the portal screen in executor threads: forking a multi-threaded process
+    # could copy a lock another thread holds.
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _mixed_notebook(facts, 24)
+    config = ScreenConfig(workers=2, parallel_min_bytes=1)
+    before = _forks[0]
+    with ThreadPoolExecutor(1) as executor:
+        verdict = executor.submit(screen_bytes, "mixed.ipynb", data, indexes=indexes,
+                                  config=config).result()
+    assert _forks[0] == before
+    assert verdict.to_dict() == screen_bytes("mixed.ipynb", data, indexes=indexes,
+                                             config=ScreenConfig(workers=1)).to_dict()
+
+
 def test_workers_must_not_be_negative():
     with pytest.raises(ValueError, match="workers"):
         ScreenConfig(workers=-1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -120,6 +121,10 @@ class _ImageChecks:
 
     def _start(self) -> ProcessPoolExecutor | None:
         # Indexes without images have nothing to compare a figure with.
+        # Called from a thread (the hub's or the portal's executor), this process is
+        # multi-threaded: a fork could copy a lock another thread holds, so check inline.
+        if threading.current_thread() is not threading.main_thread():
+            return None
         if self.workers < 2 or len(self.pending) < 2 or multiprocessing.current_process().daemon \
                 or not any(getattr(ix, "counts", {}).get("images", 1) for ix in self.col.indexes):
             return None
