@@ -5,6 +5,8 @@ class MedZoneError(Exception):
     """A refusal or failure that is the caller's to fix; ``str(err)`` is shown as is."""
 
     exit_code = 1
+    #: The HTTP status the hub API and the portal answer with.
+    http_status = 400
 
 
 class InvalidInput(MedZoneError):
@@ -14,13 +16,19 @@ class InvalidInput(MedZoneError):
 class NotFound(MedZoneError):
     """A named user, dataset, application or request does not exist."""
 
+    http_status = 404
+
 
 class Conflict(MedZoneError):
     """The thing exists already, or its state does not allow the change."""
 
+    http_status = 409
+
 
 class RuleViolation(MedZoneError):
     """A governance rule forbids the action (e.g. approving one's own application)."""
+
+    http_status = 403
 
 
 class IngestRefused(MedZoneError):

@@ -29,18 +29,15 @@ from tornado import web
 
 from . import airlock
 from .config import MedZoneHome, resolve_home
-from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+from .errors import MedZoneError, NotFound
 
 #: Keys a request body may have.
 REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
 
-_STATUS = ((NotFound, 404), (RuleViolation, 403), (Conflict, 409), (InvalidInput, 400),
-           (MedZoneError, 400))
 
 
 def _http_error(err: MedZoneError) -> web.HTTPError:
-    code = next(code for kind, code in _STATUS if isinstance(err, kind))
-    return web.HTTPError(code, str(err))
+    return web.HTTPError(err.http_status, str(err))
 
 
 class _MedZoneAPIHandler(APIHandler):

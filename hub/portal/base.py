@@ -13,20 +13,9 @@ from jupyterhub.services.auth import HubOAuthenticated
 from sqlalchemy import select
 from tornado import web
 
-from ..errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+from ..errors import MedZoneError
 from ..models import User
 from . import roles
-
-#: HTTP status of each kind of refusal a service function raises.
-STATUS = {InvalidInput: 400, RuleViolation: 403, NotFound: 404, Conflict: 409}
-
-
-def status_of(err: MedZoneError) -> int:
-    for kind, code in STATUS.items():
-        if isinstance(err, kind):
-            return code
-    return 400
-
 
 def one_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -104,7 +93,7 @@ class PortalHandler(HubOAuthenticated, web.RequestHandler):
     def _handle_request_exception(self, e: BaseException) -> None:
         # A refusal from a service function is the person's to fix: its one line, no trace.
         if isinstance(e, MedZoneError):
-            e = web.HTTPError(status_of(e), "%s", one_line(e))
+            e = web.HTTPError(e.http_status, "%s", one_line(e))
         super()._handle_request_exception(e)
 
     def log_exception(self, typ, value, tb) -> None:
