@@ -295,16 +295,16 @@ class _AccountsHandler(_MedZoneTemplates):
     HTTP errors (one line)."""
 
     def check_decider(self) -> None:
-        from .hub_api import _http_error
+        from .hub_api import http_error
 
         try:
             with self.authenticator.store.session() as session:
                 check_account_decider(session, self.current_user.name)
         except MedZoneError as err:
-            raise _http_error(err) from None
+            raise http_error(err) from None
 
     def decide(self, name: str, action: str) -> UserInfo | None:
-        from .hub_api import _http_error
+        from .hub_api import http_error
 
         try:
             with self.authenticator.store.session() as session:
@@ -313,7 +313,7 @@ class _AccountsHandler(_MedZoneTemplates):
                                       actor=f"hub:{self.current_user.name}", via="hub")
         except MedZoneError as err:
             self.db.rollback()
-            raise _http_error(err) from None
+            raise http_error(err) from None
 
 
 class AuthorizationAreaHandler(_AccountsHandler):

@@ -36,7 +36,7 @@ REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
 
 
 
-def _http_error(err: MedZoneError) -> web.HTTPError:
+def http_error(err: MedZoneError) -> web.HTTPError:
     return web.HTTPError(err.http_status, str(err))
 
 
@@ -68,7 +68,7 @@ class _MedZoneAPIHandler(APIHandler):
         try:
             return await asyncio.to_thread(func, *args, **kwargs)
         except MedZoneError as err:
-            raise _http_error(err) from None
+            raise http_error(err) from None
 
     def _status(self, request_id: int, user: str) -> dict[str, Any]:
         with self.store.session() as session:
