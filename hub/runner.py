@@ -9,15 +9,32 @@
    the default's type (int, float, bool, str, list, dict), is refused in one line;
 3. refuses a dataset parameter (``dataset`` or ``*_dataset``) naming a dataset the user
    holds no live grant for, whether the value was given or is the template's default;
-4. copies the template into a new run folder in the user's home,
+4. keeps the hub's own copy of the template, by sha256, under
+   ``MEDZONE_HOME/run-templates/`` (root-only: the reviewer's diff base when the executed
+   notebook is exported, see :func:`kept_template`);
+5. copies the template into a new run folder in the user's home,
    ``/home/<user>/runs/<UTC timestamp>-<template>/`` (host:
    ``MEDZONE_HOME/homes/<user>/runs/…``), and runs papermill there **inside the user's
    sandbox** (:func:`medzone_hub.sandbox.run_in_sandbox`: the same policy as the user's
    kernels, no network, ``/data`` holding only live grants). The run folder is the
    kernel's working directory and ``MEDZONE_RUN_DIR``: whatever the notebook writes
    (figures, metrics, models) lands next to the executed notebook ``<template>.ipynb``;
-5. records ``run.execute`` (actor: the user) in the audit log with the template's sha256,
-   the parameters, the executed notebook's sha256 and the outcome.
+6. records ``run.execute`` (actor: the user) in the audit log with the template's sha256,
+   the parameters, the executed notebook's path and sha256, the outcome and the
+   environment the run had (kernel argv, environment variables, Python and package versions).
+
+The user owns their home and may plant anything in it, so:
+
+* the hub never touches the home by path: the run folder, the template copy and
+  ``parameters.json`` are made, and the executed notebook is read back, through
+  :class:`medzone_hub.homefs.UserHome` (descriptors, ``O_NOFOLLOW``): a ``~/runs`` that is a
+  symbolic link is refused in one line and nothing is created where it points;
+* nothing the user can write decides what the run executes: papermill and the kernel run
+  with ``python -I`` (no user site-packages, no ``PYTHON*`` variables, no script folder on
+  ``sys.path``), the kernel spec, Jupyter configuration and IPython profile come from a
+  hub-written read-only folder bound at :data:`KERNEL_INSIDE`, and the kernel starts there
+  (not in the run folder) and enters the run folder only once its start-up is done, so
+  no module or ``matplotlibrc`` planted in the home or the run folder is read.
 
 A failing cell raises :class:`RunFailed` whose one-line message names the cell (its index
 in the template, its tags, its first source line) and the error; the partial notebook is
@@ -27,18 +44,24 @@ kept and its path is part of the message.
 from __future__ import annotations
 
 import ast
+import contextlib
+import hashlib
 import json
 import os
+import platform
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import MedZoneHome
+from .homefs import UserHome
 from .manifest import sha256_file
 from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
 
@@ -58,6 +81,21 @@ PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 #: Exit status of the in-sandbox driver when a cell raised (the notebook says which).
 CELL_FAILED = 3
 
+#: Where a run's hub-written kernel folder (kernel spec, Jupyter configuration, IPython
+#: profile) is bound read-only inside its sandbox.
+KERNEL_INSIDE = "/run/medzone/kernel"
+#: The run's writable scratch (IPython's profile copy, Jupyter runtime, matplotlib cache):
+#: inside the run's own private ``/tmp``, which only this run's processes see.
+SCRATCH_INSIDE = "/tmp/medzone-run"
+#: The kernel spec name papermill asks for (templates say ``python3``).
+RUN_KERNEL_NAME = "python3"
+#: Packages whose versions a run records (those present in the kernel's environment).
+RECORDED_PACKAGES = ("papermill", "nbclient", "jupyter_client", "ipykernel", "ipython",
+                     "traitlets", "nbformat", "numpy", "pandas", "matplotlib", "torch",
+                     "monai", "pydicom", "medzone")
+#: The largest executed notebook the hub reads back (to name a failed cell).
+MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
+
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -66,11 +104,16 @@ _FALSE = {"false", "no", "0", "off"}
 # CELL_FAILED quietly (the host names the cell from the partial notebook); anything else is
 # one line on stderr.
 DRIVER = r"""
-import json, os, sys
-src, out, params_file, run_dir = sys.argv[1:5]
+import json, os, shutil, sys
+src, out, params_file, run_dir, kernel_dir = sys.argv[1:6]
 os.environ["MEDZONE_RUN_DIR"] = run_dir
 os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 try:
+    # IPython needs a writable profile: a copy of the hub's, in this run's private /tmp.
+    shutil.copytree(os.path.join(kernel_dir, "ipython"), os.environ["IPYTHONDIR"])
+    for name in ("JUPYTER_RUNTIME_DIR", "MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+                 "XDG_DATA_HOME"):
+        os.makedirs(os.environ[name], mode=0o700, exist_ok=True)
     import papermill
     from papermill.exceptions import PapermillExecutionError
     from traitlets.config import Config
@@ -80,8 +123,10 @@ try:
     config = Config()
     config.KernelManager.transport = "ipc"
     config.KernelManager.ip = "/tmp/medzone-kernel"
-    papermill.execute_notebook(src, out, parameters=params, cwd=run_dir, kernel_name="python3",
-                               progress_bar=True, log_output=False, config=config)
+    # The kernel starts in the hub's folder; its start-up file enters run_dir.
+    papermill.execute_notebook(src, out, parameters=params, cwd=kernel_dir,
+                               kernel_name="python3", progress_bar=True, log_output=False,
+                               config=config)
 except PapermillExecutionError:
     sys.exit(3)
 except KeyboardInterrupt:
@@ -295,6 +340,20 @@ def failed_cell(notebook: str | os.PathLike) -> str | None:
         nb = nbformat.read(str(notebook), as_version=4)
     except Exception:  # noqa: BLE001 - a truncated notebook names nothing
         return None
+    return _failed_cell_of(nb)
+
+
+def _failed_cell_in_bytes(data: bytes) -> str | None:
+    import nbformat
+
+    try:
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+    except Exception:  # noqa: BLE001 - a truncated notebook names nothing
+        return None
+    return _failed_cell_of(nb)
+
+
+def _failed_cell_of(nb) -> str | None:
     index = -1
     for cell in nb.cells:
         tags = list(cell.get("metadata", {}).get("tags", []))
@@ -330,31 +389,210 @@ def _timestamp(now: datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
-def _new_run_dir(runs: Path, stem: str, now: datetime | None) -> Path:
-    base = f"{_timestamp(now)}-{stem}"
-    for n in range(1, 1000):
-        path = runs / (base if n == 1 else f"{base}-{n}")
+# --- the hub's copy of each template (the reviewer's diff base) ----------------------------
+
+def template_store(home: MedZoneHome) -> Path:
+    """``MEDZONE_HOME/run-templates``: one root-only file per template version run,
+    named by its sha256. Never bound into a sandbox."""
+    return home.root / "run-templates"
+
+
+def keep_template(home: MedZoneHome, data: bytes) -> str:
+    """Keep *data* (a template's bytes) in :func:`template_store`; its sha256."""
+    digest = hashlib.sha256(data).hexdigest()
+    folder = template_store(home)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    target = folder / f"{digest}.ipynb"
+    if target.is_file() and sha256_file(target) == digest:
+        return digest
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def kept_template(home: MedZoneHome, digest: str) -> bytes | None:
+    """The hub's copy of the template with sha256 *digest*, or ``None`` if none is kept
+    (or the copy no longer matches its name)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest or ""):
+        return None
+    try:
+        data = (template_store(home) / f"{digest}.ipynb").read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == digest else None
+
+
+def recorded_run(session, user: str, notebook: str) -> dict[str, Any] | None:
+    """The ``run.execute`` detail of *user*'s newest template run that wrote *notebook* (a
+    path relative to the home, e.g. ``runs/<stamp>-<template>/<template>.ipynb``); ``None``
+    if no template run of *user* wrote that path."""
+    from sqlalchemy import select
+
+    from .models import AuditEvent
+
+    stem = PurePosixPath(notebook).stem
+    inside = f"/home/{user}/{notebook.lstrip('/')}"
+    rows = session.scalars(select(AuditEvent).where(
+        AuditEvent.subject == f"template:{stem}", AuditEvent.action == "run.execute",
+        AuditEvent.actor == user).order_by(AuditEvent.seq.desc()))
+    for row in rows:
         try:
-            path.mkdir(mode=0o700)
-            return path
-        except FileExistsError:
+            detail = row.detail
+        except ValueError:
             continue
-    raise MedZoneError(f"cannot create a run folder under {runs}")
+        if isinstance(detail, dict) and detail.get("output") == inside:
+            return detail
+    return None
 
 
-def _give(path: Path, policy) -> None:
+def run_base(home: MedZoneHome, session, user: str, notebook: str) -> bytes | None:
+    """The template a run of *user* executed into *notebook* (relative to the home), as
+    the hub kept it when the run was created; ``None`` when no run recorded one."""
+    detail = recorded_run(session, user, notebook)
+    if detail is None:
+        return None
+    return kept_template(home, str(detail.get("template_copy") or ""))
+
+
+# --- the run's environment -------------------------------------------------------------
+
+def _python_of(policy, config) -> tuple[str, str]:
+    prefix = policy.env.get("VIRTUAL_ENV") or (config.python_prefix if config and
+                                                config.python_prefix else sys.prefix)
+    return prefix, os.path.join(prefix, "bin", "python")
+
+
+def kernel_argv(python: str) -> list[str]:
+    """The kernel a template run starts: isolated mode (``-I``: no user site-packages,
+    ``PYTHON*`` variables ignored, nothing of the working folder on ``sys.path``)."""
+    return [python, "-I", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def run_environment() -> dict[str, str]:
+    """What a template run's sandbox gets besides the user's usual environment: every
+    place Jupyter, IPython and matplotlib read configuration or code from is the hub's
+    (:data:`KERNEL_INSIDE`) or the run's own private scratch (:data:`SCRATCH_INSIDE`)."""
+    scratch = SCRATCH_INSIDE
+    return {
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "IPYTHONDIR": f"{scratch}/ipython",
+        "JUPYTER_CONFIG_DIR": f"{KERNEL_INSIDE}/config",
+        "JUPYTER_CONFIG_PATH": f"{KERNEL_INSIDE}/config",
+        "JUPYTER_DATA_DIR": f"{KERNEL_INSIDE}/share",
+        "JUPYTER_PATH": f"{KERNEL_INSIDE}/share",
+        "JUPYTER_RUNTIME_DIR": f"{scratch}/runtime",
+        "JUPYTER_PLATFORM_DIRS": "0",
+        "MPLCONFIGDIR": f"{scratch}/matplotlib",
+        "XDG_CONFIG_HOME": f"{scratch}/config",
+        "XDG_CACHE_HOME": f"{scratch}/cache",
+        "XDG_DATA_HOME": f"{scratch}/share",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "MEDZONE_TEMPLATE_RUN": "1",
+    }
+
+
+#: The IPython kernel's configuration in the hub's profile.
+KERNEL_CONFIG = {
+    "IPKernelApp": {"ignore_cwd": True, "exec_PYTHONSTARTUP": False, "extensions": [],
+                    "exec_files": [], "exec_lines": [], "code_to_run": "",
+                    "module_to_run": "", "file_to_run": ""},
+    "HistoryManager": {"enabled": False},
+}
+
+#: The hub profile's start-up file: what libraries read from the working folder is read
+#: while the kernel still sits in the hub's folder; then it enters the run folder (where
+#: the notebook's relative paths point).
+STARTUP = """\
+import os as _os
+try:
+    import matplotlib as _mpl  # reads matplotlibrc now: no run-folder or home file is seen
+except ImportError:
+    pass
+_os.chdir(_os.environ["MEDZONE_RUN_DIR"])
+del _os
+"""
+
+
+def write_kernel_folder(folder: Path, python: str) -> None:
+    """Fill *folder* (bound read-only at :data:`KERNEL_INSIDE`): the kernel spec
+    ``python3``, the Jupyter configuration folder and the IPython profile, owned by the
+    hub (folders 0755, files 0644)."""
+    spec = {"argv": kernel_argv(python), "display_name": "MedZone template run",
+            "language": "python", "env": {"MEDZONE_KERNEL": "1"}}
+    files = {
+        f"share/kernels/{RUN_KERNEL_NAME}/kernel.json": json.dumps(spec, indent=1),
+        "config/jupyter_config.json": "{}\n",
+        "ipython/profile_default/ipython_kernel_config.json": json.dumps(KERNEL_CONFIG, indent=1),
+        "ipython/profile_default/startup/00-medzone-run.py": STARTUP,
+    }
+    os.chmod(folder, 0o755)
+    for rel, text in files.items():
+        path = folder / rel
+        for parent in reversed(PurePosixPath(rel).parents):
+            (folder / parent).mkdir(mode=0o755, exist_ok=True)
+            os.chmod(folder / parent, 0o755)
+        path.write_text(text, encoding="utf-8")
+        os.chmod(path, 0o644)
+
+
+def environment_record(prefix: str, python: str, env: dict[str, str]) -> dict[str, Any]:
+    """What the ``run.execute`` audit row says the run ran with."""
+    return {
+        "driver_argv": [python, "-I", "-c", "<driver>"],
+        "kernel_argv": kernel_argv(python),
+        "kernel_dir": KERNEL_INSIDE,
+        "env": dict(sorted(env.items())),
+        "python": _python_version(prefix),
+        "packages": _package_versions(prefix),
+    }
+
+
+def _python_version(prefix: str) -> str | None:
+    if os.path.realpath(prefix) == os.path.realpath(sys.prefix):
+        return platform.python_version()
+    try:
+        for line in Path(prefix, "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() in ("version", "version_info"):
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _package_versions(prefix: str) -> dict[str, str]:
+    from importlib import metadata
+
+    if os.path.realpath(prefix) == os.path.realpath(sys.prefix):
+        dists = metadata.distributions()
+    else:
+        dists = metadata.distributions(
+            path=[str(p) for p in Path(prefix).glob("lib/python3*/site-packages")])
+    found: dict[str, str] = {}
+    for dist in dists:
+        name = (dist.metadata["Name"] or "").lower().replace("-", "_")
+        if name in RECORDED_PACKAGES and name not in found:
+            found[name] = dist.version
+    return dict(sorted(found.items()))
+
+
+# --- running -----------------------------------------------------------------------------
+
+def user_home_fs(policy) -> UserHome:
+    """The user's home as the hub may touch it (see :mod:`medzone_hub.homefs`)."""
     if policy.drop_to_uid:
-        os.chown(path, policy.uid, policy.gid)
-
-
-def _written_files(run_dir: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(run_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, name), run_dir)
-            out.append(rel)
-    return out
+        return UserHome(policy.home_host, policy.uid, policy.gid)
+    return UserHome(policy.home_host)
 
 
 def run_template(
@@ -380,7 +618,8 @@ def run_template(
 
     path = find_template(template, templates_dir)
     stem = path.stem
-    template_sha = sha256_file(path)
+    data = path.read_bytes()  # hashed, kept and copied: the same bytes
+    template_sha = hashlib.sha256(data).hexdigest()
     specs = template_parameters(path)
     values = check_parameters(specs, parameters)
     named = datasets_named(specs, values)
@@ -396,40 +635,45 @@ def run_template(
         # The same policy the run gets: validates the account, gives the home's owner.
         policy = build_policy(home, session, user, config=config, now=now)
     release_resources(policy)  # run_in_sandbox reserves its own GPU, if any
+    keep_template(home, data)
 
     home_dir = ensure_home(home, policy)
-    runs = home_dir / "runs"
-    if not runs.is_dir():
-        runs.mkdir(mode=0o700)
-        _give(runs, policy)
-    run_dir = _new_run_dir(runs, stem, now)
-    _give(run_dir, policy)
-    inside = f"{policy.home_inside}/{run_dir.relative_to(home_dir).as_posix()}"
-    for name, content in ((TEMPLATE_COPY, path.read_bytes()),
-                          (PARAMETERS_FILE, json.dumps(values, indent=1).encode())):
-        target = run_dir / name
-        target.write_bytes(content)
-        os.chmod(target, 0o600)
-        _give(target, policy)
-    output = run_dir / f"{stem}.ipynb"
+    fs = user_home_fs(policy)
+    # Refused in one line, before anything is created, if ~/runs (or any part) is a link.
+    rel = fs.mkdir_unique("runs", f"{_timestamp(now)}-{stem}")
+    run_dir = home_dir / rel
+    inside = f"{policy.home_inside}/{rel}"
+    fs.write_bytes(f"{rel}/{TEMPLATE_COPY}", data, mode=0o600)
+    fs.write_bytes(f"{rel}/{PARAMETERS_FILE}", json.dumps(values, indent=1).encode(), mode=0o600)
+    output_rel = f"{rel}/{stem}.ipynb"
+    output = home_dir / output_rel
     output_inside = f"{inside}/{stem}.ipynb"
-    python = os.path.join(policy.env.get("VIRTUAL_ENV") or (config.python_prefix if config and
-                          config.python_prefix else sys.prefix), "bin", "python")
-    command = [python, "-c", DRIVER, f"{inside}/{TEMPLATE_COPY}", output_inside,
-               f"{inside}/{PARAMETERS_FILE}", inside]
+    prefix, python = _python_of(policy, config)
+    env = run_environment()
+    command = [python, "-I", "-c", DRIVER, f"{inside}/{TEMPLATE_COPY}", output_inside,
+               f"{inside}/{PARAMETERS_FILE}", inside, KERNEL_INSIDE]
 
     started = time.monotonic()
     print(f"medzone: running {stem} as {user} in {inside}", file=sys.stderr, flush=True)
+    kernel_dir = Path(tempfile.mkdtemp(prefix="medzone-run-kernel-"))
     try:
-        rc = run_in_sandbox(home, store, user, command, config=config)
-    except KeyboardInterrupt:  # the sandbox is gone with its monitor; record and report it
-        rc = 130
+        write_kernel_folder(kernel_dir, python)
+        try:
+            rc = run_in_sandbox(home, store, user, command, config=config,
+                                extra_ro_binds=[(str(kernel_dir), KERNEL_INSIDE)], extra_env=env)
+        except KeyboardInterrupt:  # the sandbox is gone with its monitor; record and report it
+            rc = 130
+    finally:
+        shutil.rmtree(kernel_dir, ignore_errors=True)
     seconds = time.monotonic() - started
 
-    output_sha = sha256_file(output) if output.is_file() else None
+    written = fs.is_file(output_rel)
+    output_sha = _read_back(fs.sha256, output_rel) if written else None
     failure = None
     if rc != 0:
-        cell = failed_cell(output) if output.is_file() else None
+        executed = (_read_back(fs.read_bytes, output_rel, max_bytes=MAX_NOTEBOOK_BYTES)
+                    if written else None)
+        cell = _failed_cell_in_bytes(executed) if executed else None
         if cell:
             failure = cell
         elif rc == 130:
@@ -440,11 +684,13 @@ def run_template(
     detail = {
         "template": stem,
         "template_sha256": template_sha,
+        "template_copy": template_sha,
         "parameters": values,
         "output": output_inside,
         "output_sha256": output_sha,
         "status": status,
         "seconds": round(seconds, 1),
+        "environment": environment_record(prefix, python, env),
     }
     if failure:
         detail["error"] = failure
@@ -452,20 +698,29 @@ def run_template(
         audit.append(session, actor=user, action="run.execute", subject=f"template:{stem}",
                      detail=detail)
     if failure:
-        kept = f"; partial notebook kept at {output}" if output.is_file() else ""
-        error = RunFailed(f"run of {stem} failed: {failure}{kept}",
-                          output if output.is_file() else None)
+        kept = f"; partial notebook kept at {output}" if written else ""
+        error = RunFailed(f"run of {stem} failed: {failure}{kept}", output if written else None)
         if rc == 130:
             error.exit_code = 130
         raise error
+    files = [f[len(rel) + 1:] for f in _read_back(fs.walk_files, rel, skip_hidden=True) or []]
     return RunResult(template=stem, user=user, notebook=output, notebook_inside=output_inside,
                      run_dir=run_dir, template_sha256=template_sha, output_sha256=output_sha,
-                     parameters=values, seconds=seconds, status=status,
-                     files=_written_files(run_dir))
+                     parameters=values, seconds=seconds, status=status, files=files)
+
+
+def _read_back(method, *args, **kwargs):
+    """A homefs read of what the run left; ``None`` when the user swapped it for something
+    the hub refuses to read (a link, a FIFO, another's file) or removed it."""
+    try:
+        return method(*args, **kwargs)
+    except (MedZoneError, OSError):
+        return None
 
 
 __all__ = [
     "ParameterSpec", "RunFailed", "RunResult", "TEMPLATES_DIR", "check_parameters",
     "coerce_value", "datasets_named", "failed_cell", "find_template", "is_dataset_parameter",
-    "list_templates", "run_template", "sha256_file", "template_parameters",
+    "keep_template", "kept_template", "list_templates", "recorded_run", "run_base",
+    "run_template", "sha256_file", "template_parameters",
 ]

@@ -712,19 +712,26 @@ def release_resources(policy: SandboxPolicy, cgroup: str | os.PathLike | None = 
 # --- running ---------------------------------------------------------------------------
 
 def run_in_sandbox(home: MedZoneHome, store, user: str, command: Sequence[str], *,
-                   config: SandboxConfig | None = None) -> int:
+                   config: SandboxConfig | None = None,
+                   extra_ro_binds: Iterable[tuple[str, str]] = (),
+                   extra_env: Mapping[str, str] | None = None) -> int:
     """Run *command* in *user*'s sandbox (as their kernel would see it), attached to this
-    process's stdin/stdout/stderr; returns its exit status (128+N if killed by signal N)."""
+    process's stdin/stdout/stderr; returns its exit status (128+N if killed by signal N).
+
+    *extra_ro_binds* and *extra_env* are as for :func:`bwrap_argv` (a template run binds
+    the hub's kernel folder and sets where Jupyter and IPython look)."""
+    extra_ro_binds = [tuple(b) for b in extra_ro_binds]
     with store.session() as session:
         policy = build_policy(home, session, user, config=config)
     cgroup = None
     try:
         ensure_home(home, policy)
-        check_reachable(policy)
+        check_reachable(policy, extra_ro_binds)
         cgroup, reason = sandbox_cgroup(policy)
         if reason:
             print(f"medzone: warning: {reason}", file=sys.stderr)
-        argv = bwrap_argv(policy, list(command), cgroup=cgroup)
+        argv = bwrap_argv(policy, list(command), cgroup=cgroup, extra_ro_binds=extra_ro_binds,
+                          extra_env=extra_env)
         try:
             proc = subprocess.Popen(argv, env={}, close_fds=True)
         except OSError as err:
