@@ -19,6 +19,7 @@ it must be timezone-aware.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -317,6 +318,52 @@ def live_grants(session: Session, user: str, now: datetime | None = None) -> lis
         for dataset_id in app.dataset_ids
     }
     return sorted(live)
+
+
+#: Application states of a grant that was once given (whatever became of it since).
+HELD_STATES = ("approved", "expired", "revoked")
+
+
+def screening_datasets(session: Session, user: str) -> list[str]:
+    """Ids of every dataset an export request by *user* is screened against, sorted.
+
+    A grant that ends does not take the data out of the home: a slice saved while it was
+    live stays there. So this is every dataset *user* has *ever* held a grant on
+    (approved, expired or revoked, whatever its state is now) and every dataset the
+    provenance of their files names (the dataset parameters recorded by their template
+    runs, ``run.execute`` in the audit log), not only :func:`live_grants`. Datasets no
+    longer in the registry are left out (their index is gone with them).
+    """
+    from .models import AuditEvent, Dataset
+
+    account = session.scalar(select(User).where(User.name == user))
+    if account is None:
+        return []
+    held = {
+        dataset_id
+        for app in session.scalars(select(AccessApplication).where(
+            AccessApplication.user_id == account.id,
+            AccessApplication.status.in_(HELD_STATES)))
+        for dataset_id in (app.dataset_ids or ())
+    }
+    for detail in session.scalars(select(AuditEvent.detail_json).where(
+            AuditEvent.action == "run.execute", AuditEvent.actor == user)):
+        try:
+            parameters = json.loads(detail).get("parameters") or {}
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(parameters, dict):
+            held.update(value for name, value in parameters.items()
+                        if _names_dataset(name) and isinstance(value, str) and value)
+    if not held:
+        return []
+    known = set(session.scalars(select(Dataset.id).where(Dataset.id.in_(sorted(held)))))
+    return sorted(held & known)
+
+
+def _names_dataset(parameter: str) -> bool:
+    """Whether a template parameter names a dataset (as :func:`medzone_hub.runner.is_dataset_parameter`)."""
+    return parameter == "dataset" or parameter.endswith("_dataset")
 
 
 def expire_due(session: Session, now: datetime | None = None) -> list[AccessApplication]:

@@ -9,8 +9,12 @@ and add no rules of their own. Life of an export request::
 
 - :func:`request_export` copies the files, from the requester's home only, into a
   quarantine folder ``MEDZONE_HOME/airlock/<id>/files/…`` (read-only, fsynced, staged and
-  renamed into place), hashes them and screens the quarantine copy with the indexes of the
-  datasets the requester holds live grants for. The row is inserted, the staged folder
+  renamed into place), hashes them and screens the quarantine copy with the indexes of
+  every dataset the requester has ever held a grant on or run a template over
+  (:func:`medzone_hub.access.screening_datasets`: a slice saved while a grant was live stays
+  in the home after it ends). The home is read through :class:`medzone_hub.homefs.UserHome`
+  (descriptors, ``O_NOFOLLOW``, only the user's own regular files), and sizes are checked
+  against :class:`ExportLimits` before a byte is copied. The row is inserted, the staged folder
   renamed to its final name and the audit row appended in one transaction, so a request row
   only ever points to a complete quarantine.
 - A request may carry a **disclosure-risk report** (:mod:`medzone_hub.risk_report`), a file
@@ -49,16 +53,18 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import audit
-from .access import live_grants
+from .access import screening_datasets
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
-from .errors import Conflict, InvalidInput, NotFound, RuleViolation
+from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+from .homefs import FileTooLarge, UserHome, parts_of
 from .manifest import sha256_file
 from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, as_utc
+from .previews import NO_PREVIEW_APPROVALS, add_preview_findings, needs_download
 from .registry import get_dataset
 from .risk_report import parse_risk_report
 
@@ -88,7 +94,7 @@ def staging_dir(home: MedZoneHome) -> Path:
 
 
 def quarantine_dir(home: MedZoneHome, request_id: int) -> Path:
-    """``MEDZONE_HOME/airlock/<id>``: ``files/`` (what may leave), ``templates/`` (diff bases)."""
+    """``MEDZONE_HOME/airlock/<id>``: ``files/`` (what may leave) and the screen report."""
     return airlock_dir(home) / str(int(request_id))
 
 
@@ -104,23 +110,27 @@ def _subject(request_id: int) -> str:
 
 # --- paths -------------------------------------------------------------------------------
 
-def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str], *,
+def resolve_request_paths(user_root: UserHome | Path, user: str, paths: Iterable[str], *,
                           files_only: bool = False) -> list[str]:
     """The files named by *paths*, as POSIX paths relative to the user's home, sorted.
 
     A path is relative to the home, or absolute inside it (as the host sees it, or as the
-    sandbox does: ``/home/<user>/…``). ``..`` components, anything whose real location is
-    outside the home, and anything that is not a regular file or a folder are refused.
-    A folder stands for the regular files under it (with *files_only*, it is refused).
+    sandbox does: ``/home/<user>/…``). ``..`` components, symbolic links (a named one is
+    refused, one inside a named folder is skipped: links in a home are never followed) and
+    anything that is not a regular file or a folder are refused. A folder stands for the
+    regular files under it (with *files_only*, it is refused). The home is walked from
+    descriptors (:class:`~medzone_hub.homefs.UserHome`), never by path.
     """
+    fs = user_root if isinstance(user_root, UserHome) else UserHome(Path(user_root))
     if isinstance(paths, str):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise InvalidInput("name at least one file to export")
-    if not user_root.is_dir():
+    if not fs.is_dir(""):
         raise NotFound(f"user {user!r} has no home folder yet: nothing to export")
-    root = user_root.resolve()
+    host_roots = [PurePosixPath(str(fs.path)),
+                  PurePosixPath(os.path.realpath(fs.path.parent)) / fs.path.name]
     inside_prefix = PurePosixPath("/home") / user
     chosen: dict[str, None] = {}
     for raw in paths:
@@ -130,75 +140,186 @@ def resolve_request_paths(user_root: Path, user: str, paths: Iterable[str], *,
         if ".." in given.parts:
             raise RuleViolation(f"refusing {raw!r}: '..' is not allowed in export paths")
         if given.is_absolute():
-            if given.is_relative_to(inside_prefix):
-                rel = given.relative_to(inside_prefix)
-            elif Path(raw).is_relative_to(user_root) or Path(raw).is_relative_to(root):
-                base = user_root if Path(raw).is_relative_to(user_root) else root
-                rel = PurePosixPath(Path(raw).relative_to(base).as_posix())
-            else:
+            base = next((b for b in (inside_prefix, *host_roots) if given.is_relative_to(b)), None)
+            if base is None:
                 raise RuleViolation(f"refusing {raw!r}: only files in {user}'s home can be exported")
+            rel = given.relative_to(base)
         else:
             rel = given
-        candidate = root / rel
-        real = Path(os.path.realpath(candidate))
-        if real != root and not real.is_relative_to(root):
-            raise RuleViolation(f"refusing {raw!r}: it leads out of {user}'s home")
-        if not os.path.lexists(candidate):
+        rel_text = "/".join(parts_of(rel.as_posix()))
+        try:
+            st = fs.lstat(rel_text)
+        except RuleViolation:
+            raise RuleViolation(f"refusing {raw!r}: it goes through a symbolic link or a "
+                                "non-folder; links are never followed, nothing that leads out "
+                                f"of {user}'s home is exported") from None
+        if st is None:
             raise NotFound(f"{raw!r} does not exist in {user}'s home")
-        if real.is_dir() and files_only:
-            raise InvalidInput(f"{raw!r} is a folder: name a single file")
-        if real.is_dir():
-            for dirpath, dirnames, filenames in os.walk(real):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    chosen[_checked_file(root, Path(dirpath) / name, raw)] = None
+        if stat.S_ISLNK(st.st_mode):
+            raise RuleViolation(f"refusing {raw!r}: it is a symbolic link; links are never "
+                                f"followed, nothing that leads out of {user}'s home is exported")
+        if stat.S_ISDIR(st.st_mode):
+            if files_only:
+                raise InvalidInput(f"{raw!r} is a folder: name a single file")
+            try:
+                found = fs.walk_files(rel_text)
+            except RuleViolation:
+                raise RuleViolation(f"refusing {raw!r}: it was swapped for a symbolic link; "
+                                    "links are never followed, nothing that leads out of "
+                                    f"{user}'s home is exported") from None
+            for name in found:
+                chosen[name] = None
+        elif stat.S_ISREG(st.st_mode):
+            if not rel_text:
+                raise InvalidInput(f"invalid path {raw!r}")
+            chosen[rel_text] = None
         else:
-            chosen[_checked_file(root, real, raw)] = None
+            raise RuleViolation(f"refusing {raw!r}: it is not a regular file")
     if not chosen:
         raise InvalidInput("the named folders hold no files to export")
     return sorted(chosen)
 
 
-def _checked_file(root: Path, path: Path, raw: str) -> str:
-    real = Path(os.path.realpath(path))
-    if not real.is_relative_to(root):
-        raise RuleViolation(f"refusing {raw!r}: {path.name} leads out of the home")
-    st = os.stat(real)
-    if not stat.S_ISREG(st.st_mode):
-        raise RuleViolation(f"refusing {raw!r}: {path.name} is not a regular file")
-    return real.relative_to(root).as_posix()
+# --- limits ------------------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportLimits:
+    """Size limits of export requests. Each is checked on the descriptor of the file opened
+    in the home (``fstat``) before a byte is copied into quarantine, and again while
+    copying (the copy stops at the limit: a file may grow while it is copied). A refusal
+    names the limit and leaves nothing in staging or quarantine."""
+
+    #: Largest file a request may hold (the screen blocks files over 16 MB anyway:
+    #: ``ScreenConfig.max_file_bytes``).
+    export_max_file_bytes: int = 16 * MB
+    #: Largest total of one request's files (and the template copies kept as diff bases).
+    export_max_request_bytes: int = 64 * MB
+    #: Bytes one person's requests may hold in quarantine, all requests counted whatever
+    #: their state (quarantine folders are kept as the record of what was asked for and
+    #: what left, so blocked and rejected requests hold disk space too). An administrator
+    #: raises it for a person who needs more.
+    export_quarantine_quota_bytes: int = 1024 * MB
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{f.name} must be a whole number of bytes above 0, "
+                                 f"not {value!r}")
+
+
+def _size_text(n: int) -> str:
+    if n >= 10 * MB or (n >= MB and n % MB == 0):
+        return f"{round(n / MB)} MB"
+    if n >= MB:
+        return f"{n / MB:.1f} MB"
+    return f"{n} bytes"
+
+
+class _Budget:
+    """What one request may still copy: the per-file, per-request and quota limits."""
+
+    def __init__(self, limits: ExportLimits, quota_used: int):
+        self.limits = limits
+        self.quota_used = quota_used
+        self.spent = 0
+
+    def check(self, name: str, size: int, *, counted: bool = True) -> None:
+        """Refuse *name* at *size* bytes (one line naming the limit) if it is over one."""
+        lim = self.limits
+        if size > lim.export_max_file_bytes:
+            raise FileTooLarge(
+                f"refusing {name}: {_size_text(size)} is over the per-file limit of "
+                f"{_size_text(lim.export_max_file_bytes)} (export_max_file_bytes)")
+        if not counted:
+            return
+        if self.spent + size > lim.export_max_request_bytes:
+            raise FileTooLarge(
+                f"refusing {name}: the request would hold {_size_text(self.spent + size)}, over "
+                f"the per-request limit of {_size_text(lim.export_max_request_bytes)} "
+                "(export_max_request_bytes)")
+        if self.quota_used + self.spent + size > lim.export_quarantine_quota_bytes:
+            raise FileTooLarge(
+                f"refusing {name}: your export requests would hold "
+                f"{_size_text(self.quota_used + self.spent + size)} in quarantine, over the "
+                f"quota of {_size_text(lim.export_quarantine_quota_bytes)} per person "
+                "(export_quarantine_quota_bytes)")
+
+
+def quarantine_bytes(session: Session, user: str) -> int:
+    """Bytes *user*'s export requests hold in quarantine (every state counts)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(ExportFile.size), 0))
+        .join(ExportRequest, ExportFile.request_id == ExportRequest.id)
+        .join(User, ExportRequest.user_id == User.id)
+        .where(User.name == user))
+    return int(total or 0)
 
 
 # --- files -------------------------------------------------------------------------------
 
-def _copy_file(src: Path, dst: Path, *, inside: Path | None = None) -> tuple[str, int]:
-    """Copy *src* (no symlink followed at the last step) to a new *dst*, fsynced, 0444.
+def _copy_file(src: Path | str, dst: Path, *, home_fs: UserHome | None = None,
+               budget: _Budget | None = None, counted: bool = True) -> tuple[str, int]:
+    """Copy *src* to a new *dst*, fsynced, 0444; ``(sha256, size)``.
 
-    With *inside*, the file actually opened must lie under that folder: a folder swapped
-    for a symlink after the paths were checked is caught here.
+    With *home_fs*, *src* is a path relative to that home, opened through it (no link
+    followed anywhere, a file the user does not own refused). With *budget*, the size
+    from ``fstat`` of the opened descriptor is checked before a byte is copied and the
+    copy stops at the limit. *dst* is removed again if the copy fails.
     """
+    if home_fs is not None:
+        opener = home_fs.open_file(src)
+        shown = str(src)
+    else:
+        opener = _open_plain(Path(src))
+        shown = Path(src).name
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    created = False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RuleViolation(f"refusing {src.name}: not a regular file")
-        if inside is not None:
-            opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            if not opened.is_relative_to(inside):
-                raise RuleViolation(f"refusing {src.name}: it leads out of the home")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
-            while chunk := fin.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-    finally:
-        os.close(fd)
+        with opener as fd:
+            if budget is not None:
+                budget.check(shown, os.fstat(fd).st_size, counted=counted)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(dst, "xb") as fout:
+                created = True
+                while chunk := os.read(fd, _CHUNK):
+                    size += len(chunk)
+                    if budget is not None:
+                        budget.check(shown, size, counted=counted)  # it grew while copied
+                    digest.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+    except BaseException:
+        if created:
+            dst.unlink(missing_ok=True)
+        raise
+    if budget is not None and counted:
+        budget.spent += size
     os.chmod(dst, FILE_MODE)
     return digest.hexdigest(), size
+
+
+class _open_plain:
+    """A read-only descriptor of a regular file of the zone's own (quarantine), no symlink
+    followed at the last step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> int:
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise RuleViolation(f"refusing {self.path.name}: not a regular file")
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -411,25 +532,40 @@ class StagedExport:
     staging: _Staging
     #: Path (relative to the home, one of the files) of the disclosure-risk report, if any.
     risk_report: str | None = None
+    limits: ExportLimits | None = None
 
     def close(self) -> None:
         self.staging.close()
 
 
 def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
-                 dataset_ids: Sequence[str], risk_report: str | None = None) -> StagedExport:
+                 dataset_ids: Sequence[str], risk_report: str | None = None,
+                 limits: ExportLimits | None = None, quota_used: int = 0) -> StagedExport:
     """Copy *paths* (and the *risk_report* file, if given) from *user*'s home into a sealed
     staging folder, hash and screen them there with the indexes of *dataset_ids*, and check
-    the report's form. Touches no database."""
+    the report's form. Touches no database.
+
+    The home is read through :class:`~medzone_hub.homefs.UserHome` only. Every file's size
+    is checked against *limits* (*quota_used*: bytes the user's requests already hold in
+    quarantine) before the staging folder is made, and again while copying."""
     validate_user_name(user)
-    rel_paths = resolve_request_paths(user_home(home, user), user, paths)
+    limits = limits or ExportLimits()
+    fs = UserHome.of(home, user)
+    rel_paths = resolve_request_paths(fs, user, paths)
     report_rel = None
     if risk_report is not None:
-        (report_rel,) = resolve_request_paths(user_home(home, user), user, [risk_report],
-                                              files_only=True)
+        (report_rel,) = resolve_request_paths(fs, user, [risk_report], files_only=True)
         if report_rel not in rel_paths:
             rel_paths = sorted([*rel_paths, report_rel])
-    root = user_home(home, user).resolve()
+    # Sizes first, from the descriptors the copy would read: nothing is copied for a
+    # request over a limit.
+    budget = _Budget(limits, quota_used)
+    for rel in rel_paths:
+        with fs.open_file(rel) as fd:
+            size = os.fstat(fd).st_size
+        budget.check(rel, size)
+        budget.spent += size
+    budget.spent = 0
     sweep_staging(home)
     staging = _Staging(home)
     try:
@@ -437,20 +573,13 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
         files_root.mkdir()
         hashes: dict[str, tuple[str, int]] = {}
         for rel in rel_paths:
-            hashes[rel] = _copy_file(root / rel, files_root / rel, inside=root)
+            hashes[rel] = _copy_file(rel, files_root / rel, home_fs=fs, budget=budget)
         if report_rel is not None:
             # The quarantined copy is checked: the bytes reviewers read and that leave.
             parse_risk_report(report_rel, (files_root / report_rel).read_bytes())
-        # Diff bases for executed templates: the template copy next to each notebook.
-        for rel in rel_paths:
-            template = PurePosixPath(rel).parent / TEMPLATE_COPY
-            target = staging.path / "templates" / template
-            if rel.endswith(".ipynb") and not target.exists():
-                try:
-                    _copy_file(root / template, target, inside=root)
-                except (OSError, RuleViolation):
-                    pass  # not an executed template (or not one we can trust): no diff
+        # (Diff bases are the hub's own template copies, never files of the home.)
         results, settings = _screen(files_root, rel_paths, home, dataset_ids)
+        add_preview_findings(results)  # a file the review page cannot show needs a download
         report = audit.canonical_json({"files": results})
         (staging.path / "screen.json").write_text(report, encoding="utf-8")
         os.chmod(staging.path / "screen.json", FILE_MODE)
@@ -461,7 +590,7 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
     return StagedExport(user=user, dataset_ids=list(dataset_ids), results=results,
                         hashes=hashes, settings=settings, report=report,
                         verdict=overall_verdict(r["verdict"] for r in results), staging=staging,
-                        risk_report=report_rel)
+                        risk_report=report_rel, limits=limits)
 
 
 def _requester(session: Session, user: str) -> User:
@@ -492,12 +621,25 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
     now = as_utc(now)
     reason = _reason_text(reason)
     requester = _requester(session, staged.user)
-    if live_grants(session, staged.user, now) != staged.dataset_ids:
+    if screening_datasets(session, staged.user) != staged.dataset_ids:
         raise GrantsChanged(f"{staged.user}'s dataset grants changed while the files were "
                             "screened: request the export again")
+    # Two requests staged side by side both fit the quota alone: count again, under the
+    # transaction that records this one.
+    limits = staged.limits or ExportLimits()
+    held = quarantine_bytes(session, staged.user)
+    size = sum(size for _sha, size in staged.hashes.values())
+    if held + size > limits.export_quarantine_quota_bytes:
+        raise FileTooLarge(
+            f"refusing the request: {staged.user}'s export requests would hold "
+            f"{_size_text(held + size)} in quarantine, over the quota of "
+            f"{_size_text(limits.export_quarantine_quota_bytes)} per person "
+            "(export_quarantine_quota_bytes)")
     verdict = staged.verdict
     required = (PASS_APPROVALS if verdict == "pass"
                 else review_approvals(session, staged.dataset_ids))
+    if any(needs_download(r["findings"]) for r in staged.results):
+        required = max(required, NO_PREVIEW_APPROVALS)  # seen only by downloading it
     request = ExportRequest(
         user=requester, reason=reason, state="blocked" if verdict == "block" else "pending",
         verdict=verdict, dataset_ids=list(staged.dataset_ids), approvals_required=required,
@@ -533,7 +675,8 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
 
 def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Iterable[str],
                    reason: str, risk_report: str | None = None,
-                   now: datetime | None = None) -> ExportRequest:
+                   now: datetime | None = None,
+                   limits: ExportLimits | None = None) -> ExportRequest:
     """Quarantine, hash and screen *paths* from *user*'s home; the new request.
 
     Everything happens in *session*'s transaction, which the caller commits; on SQLite
@@ -544,7 +687,8 @@ def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Ite
     _reason_text(reason)
     _requester(session, user)
     staged = stage_export(home, user=user, paths=paths,
-                          dataset_ids=live_grants(session, user, now), risk_report=risk_report)
+                          dataset_ids=screening_datasets(session, user), risk_report=risk_report,
+                          limits=limits, quota_used=quarantine_bytes(session, user))
     try:
         return record_export(session, home, staged, reason=reason, now=now)
     finally:
@@ -553,17 +697,19 @@ def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Ite
 
 def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
                   risk_report: str | None = None, now: datetime | None = None,
-                  attempts: int = 3) -> int:
-    """:func:`request_export` in three steps: read the requester's grants, copy and screen
-    with no transaction open, then record; the new request's id (committed)."""
+                  attempts: int = 3, limits: ExportLimits | None = None) -> int:
+    """:func:`request_export` in three steps: read the datasets to screen against and the
+    quarantine the requester holds, copy and screen with no transaction open, then record;
+    the new request's id (committed)."""
     _reason_text(reason)
     paths = [paths] if isinstance(paths, str) else list(paths)
     for attempt in range(attempts):
         with store.session() as session:
             _requester(session, user)
-            grants = live_grants(session, user, as_utc(now))
+            grants = screening_datasets(session, user)
+            held = quarantine_bytes(session, user)
         staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
-                              risk_report=risk_report)
+                              risk_report=risk_report, limits=limits, quota_used=held)
         try:
             with store.session() as session:
                 return record_export(session, home, staged, reason=reason, now=now).id
@@ -947,31 +1093,112 @@ def release_export(store, home: MedZoneHome, request_id: int, *, user: str, dest
 
 # --- show --------------------------------------------------------------------------------
 
-def notebook_diffs(home: MedZoneHome, request: ExportRequest) -> list[tuple[str, str]]:
-    """(notebook path, nbdime's pretty-printed diff against its template) for each executed
-    template among the request's files."""
+def notebook_diffs(home: MedZoneHome, request: ExportRequest,
+                   session: Session | None = None) -> list[tuple[str, str]]:
+    """(notebook path, text) for each notebook among the request's files: nbdime's
+    pretty-printed diff against the template the hub kept when the requester's run that
+    wrote this notebook was created (see :func:`notebook_base`), or, for a notebook no
+    recorded run wrote, the whole notebook (:func:`render_notebook`), every cell and output.
+
+    Nothing in the requester's folder decides the base: a ``template.ipynb`` beside the
+    notebook is never read. The text of a whole notebook starts with
+    :data:`WHOLE_NOTEBOOK_HEADER`."""
+    return [(path, text) for path, _kind, text in notebook_views(home, request, session)]
+
+
+#: First line of a notebook shown whole (no recorded template run wrote it).
+WHOLE_NOTEBOOK_HEADER = ("(no recorded template run wrote this notebook: "
+                         "shown whole, every cell and output)")
+
+
+def notebook_views(home: MedZoneHome, request: ExportRequest,
+                   session: Session | None = None) -> list[tuple[str, str, str]]:
+    """(path, ``"diff"`` or ``"whole"``, text) per notebook: see :func:`notebook_diffs`."""
     import io
 
+    import nbformat
+
+    from .previews import preview_kind
+
     base = quarantine_dir(home, request.id)
+    if session is None:
+        session = Session.object_session(request)
     out = []
     for f in request.files:
-        if not f.path.endswith(".ipynb") or PurePosixPath(f.path).name == TEMPLATE_COPY:
+        if preview_kind(f.path) != "notebook":
             continue
-        template = base / "templates" / PurePosixPath(f.path).parent / TEMPLATE_COPY
-        if not template.is_file():
+        template = notebook_base(home, session, request.user.name, f.path)
+        try:
+            b = nbformat.read(str(base / "files" / f.path), as_version=4)
+            a = (nbformat.reads(template.decode("utf-8"), as_version=4)
+                 if template is not None else None)
+        except Exception as err:  # noqa: BLE001 - a broken notebook is the screen's finding
+            out.append((f.path, "whole", f"(cannot read: {type(err).__name__}: {err})\n"))
             continue
-        import nbformat
+        if a is None:
+            out.append((f.path, "whole", WHOLE_NOTEBOOK_HEADER + "\n\n" + render_notebook(b)))
+            continue
         from nbdime import diff_notebooks
         from nbdime.prettyprint import PrettyPrintConfig, pretty_print_diff
 
-        try:
-            a = nbformat.read(str(template), as_version=4)
-            b = nbformat.read(str(base / "files" / f.path), as_version=4)
-        except Exception as err:  # noqa: BLE001 - a broken notebook is the screen's finding
-            out.append((f.path, f"(cannot diff: {type(err).__name__}: {err})\n"))
-            continue
         buffer = io.StringIO()
         pretty_print_diff(a, diff_notebooks(a, b), "notebook",
                           PrettyPrintConfig(out=buffer, use_color=False, use_git=False))
-        out.append((f.path, buffer.getvalue()))
+        out.append((f.path, "diff", buffer.getvalue()))
     return out
+
+
+def notebook_base(home: MedZoneHome, session: Session | None, user: str,
+                  path: str) -> bytes | None:
+    """The diff base of *user*'s notebook *path* (relative to the home): the hub's own copy
+    of the template, by the sha256 the ``run.execute`` row of the run that wrote *path*
+    records; ``None`` when no such run (or no kept copy) exists."""
+    from .runner import run_base
+
+    if session is None:
+        return None
+    return run_base(home, session, user, path)
+
+
+def render_notebook(nb) -> str:
+    """Every cell of *nb* with its source and every output, as plain text: stream text,
+    text and JSON representations in full; binary data (images) by type, size and sha256."""
+    import base64
+    import re as _re
+
+    ansi = _re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    lines: list[str] = []
+    for index, cell in enumerate(nb.cells):
+        tags = cell.get("metadata", {}).get("tags", [])
+        head = f"--- cell {index} ({cell.get('cell_type', '?')})"
+        lines.append(head + (f" [{', '.join(tags)}]" if tags else "") + " ---")
+        lines.append(str(cell.get("source", "")))
+        for n, output in enumerate(cell.get("outputs", []) or []):
+            kind = output.get("output_type", "?")
+            lines.append(f"  >>> output {n} ({kind})")
+            if kind == "stream":
+                lines.append(_text(output.get("text", "")))
+            elif kind == "error":
+                lines.append(f"{output.get('ename', '')}: {output.get('evalue', '')}")
+                lines.append(ansi.sub("", "\n".join(output.get("traceback", []) or [])))
+            for mime, value in sorted((output.get("data") or {}).items()):
+                if mime.startswith("text/") or mime.endswith("json") or mime.endswith("+xml"):
+                    text = value if isinstance(value, str) else (
+                        "".join(value) if isinstance(value, list) else json.dumps(value))
+                    lines.append(f"  [{mime}]")
+                    lines.append(text)
+                else:
+                    raw = _text(value)
+                    try:
+                        data = base64.b64decode(raw, validate=False)
+                    except (ValueError, TypeError):
+                        data = raw.encode("utf-8", "replace")
+                    lines.append(f"  [{mime}: {len(data)} bytes, sha256 "
+                                 f"{hashlib.sha256(data).hexdigest()}; download to inspect]")
+        for name, bundle in (cell.get("attachments") or {}).items():
+            lines.append(f"  [attachment {name}: {', '.join(sorted(bundle))}]")
+    return "\n".join(lines) + "\n"
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)

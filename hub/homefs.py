@@ -68,6 +68,34 @@ class UserHome:
     uid: int | None = None
     gid: int | None = None
 
+    @classmethod
+    def of(cls, home, user: str) -> "UserHome":
+        """*user*'s home in the zone *home* (a :class:`~medzone_hub.config.MedZoneHome`),
+        owned by whoever owns the home folder itself: ``homes/`` is root's, so the home
+        folder's owner (read from its descriptor) is the user's uid as the host sees it."""
+        from .accounts import validate_user_name
+
+        validate_user_name(user)
+        path = Path(home.root) / "homes" / user
+        try:
+            fd = os.open(path, _DIR_FLAGS)
+        except OSError:
+            return cls(path)  # missing (or not a folder): every use says so in one line
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if os.getuid() != 0:
+            return cls(path)
+        return cls(path, st.st_uid, st.st_gid)
+
+    @classmethod
+    def for_policy(cls, policy) -> "UserHome":
+        """The home of a :class:`~medzone_hub.sandbox.SandboxPolicy`, owned by its host uid."""
+        if not policy.drop_to_uid:
+            return cls(policy.home_host)
+        return cls(policy.home_host, policy.host_uid, policy.host_gid)
+
     # --- descriptors ------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -216,6 +244,38 @@ class UserHome:
                 if is_file:
                     found.append("/".join((*prefix, name)))
                 elif is_dir:
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue  # swapped for a link or removed meanwhile
+                    try:
+                        visit(child, (*prefix, name))
+                    finally:
+                        os.close(child)
+
+        with self.dir_fd(rel) as fd:
+            visit(fd, base)
+        return found
+
+    def walk_stats(self, rel: str | os.PathLike = "", *,
+                   skip_hidden: bool = False) -> list[tuple[str, os.stat_result]]:
+        """:meth:`walk_files` with each file's own ``lstat``."""
+        base = parts_of(rel)
+        found: list[tuple[str, os.stat_result]] = []
+
+        def visit(fd: int, prefix: tuple[str, ...]) -> None:
+            with os.scandir(fd) as entries:
+                names = sorted(e.name for e in entries)
+            for name in names:
+                if skip_hidden and name.startswith("."):
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append(("/".join((*prefix, name)), st))
+                elif stat.S_ISDIR(st.st_mode):
                     try:
                         child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                     except OSError:
