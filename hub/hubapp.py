@@ -11,9 +11,11 @@
       proxy.pid, proxy.log         the proxy process, which outlives hub restarts
       jupyterhub.log
       portal_cookie_secret   0600  the portal's (medzone_hub.portal, a hub-managed service)
+      servers/               0700  <hash>.sock: each user's server, bound by the spawner and
+                                   handed to the server as a descriptor (medzone_hub.spawner)
     run/                     0755
       hub/                   0755  hub.sock: the hub API; bound read-only into sandboxes
-    homes/<name>/.medzone/   0700  jupyter.sock: that user's server (see medzone_hub.spawner)
+    homes/<name>/            0700  the user's home: nothing of the hub's lives there
 
 The proxy is started here, not by JupyterHub (``ConfigurableHTTPProxy.should_start`` is
 off): JupyterHub kills a proxy it finds from an earlier run, which would drop every route.
@@ -78,6 +80,11 @@ class HubPaths:
     @property
     def proxy_token(self) -> Path:
         return self.state_dir / "proxy_token"
+
+    @property
+    def server_socket_dir(self) -> Path:
+        """Single-user servers' sockets: the hub's, outside every home."""
+        return self.state_dir / "servers"
 
     @property
     def proxy_api_socket(self) -> Path:

@@ -430,6 +430,8 @@ def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
     """Create (or repair) ``MEDZONE_HOME/homes/<user>``: owned by the sandbox uid, 0700.
 
     ``homes/`` itself is 0711 so a sandbox uid can reach its own home but list no other.
+    The home is owned and its mode set through a descriptor opened with ``O_NOFOLLOW``
+    (see :mod:`medzone_hub.homefs`), never by path.
     """
     parent = homes_dir(home)
     parent.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -438,13 +440,19 @@ def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
-        if path.is_symlink() or not path.is_dir():
-            raise SandboxError(f"{path} is not a folder: refusing to use it as a home")
-    if policy.drop_to_uid:
-        st = path.stat()
-        if (st.st_uid, st.st_gid) != (policy.uid, policy.gid):
-            os.chown(path, policy.uid, policy.gid)
-    os.chmod(path, 0o700)
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise SandboxError(f"{path} is not a folder: refusing to use it as a home") from None
+    try:
+        if policy.drop_to_uid:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (policy.uid, policy.gid):
+                os.fchown(fd, policy.uid, policy.gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 

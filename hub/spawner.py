@@ -8,10 +8,13 @@ same mounts, uid and namespaces:
   capabilities, a new session, its own pid/ipc/uts namespaces, no nested user namespaces;
 * ``/home/<user>`` private and persistent, ``/tmp`` private, ``/data/<id>`` read-only for
   exactly the user's live grants when the server starts;
-* **no network**: the server listens on a unix socket in the user's home
-  (``~/.medzone/jupyter.sock``), which the proxy reaches from the host as
-  ``http+unix://…``; the hub API is reached through the hub's own unix socket, whose
-  folder is bound read-only at the same path;
+* **no network**: the server listens on a unix socket that the spawner binds itself in
+  the hub's own state folder (``MEDZONE_HOME/hub/servers/<hash>.sock``, outside every
+  home) and hands to the server as an inherited descriptor; the proxy reaches it from the
+  host as ``http+unix://…``. Nothing of the route lives in the home, so no link a user
+  plants there can redirect the proxy or make the hub chown or write anything. The
+  server's secrets (its API token) arrive on an inherited pipe, never in a file. The hub
+  API is reached through the hub's own unix socket, whose folder is bound read-only;
 * GPUs and memory/CPU limits as the sandbox policy decides (limits through cgroup v2
   where the machine allows it; where it does not, the spawn log says so).
 
@@ -32,6 +35,7 @@ the next start mounts only what is live then.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -49,12 +53,12 @@ from .config import MedZoneHome, resolve_home
 from .errors import MedZoneError, NotFound, RuleViolation
 from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
 
-#: Where the server's socket lives, relative to the home (a hidden folder).
-SOCKET_DIR = ".medzone"
-SOCKET_NAME = "jupyter.sock"
-#: Secrets for the server, handed over in a 0600 file rather than on the command line
-#: (bubblewrap's ``--setenv`` arguments are visible in the host's process list).
-SECRET_ENV_FILE = "server-env.json"
+#: The path the server's socket has inside the sandbox: a name only (the server is handed
+#: the socket already bound, as a descriptor; no such file exists inside).
+SOCKET_INSIDE = "/run/medzone/jupyter.sock"
+#: Secrets for the server travel on a pipe the sandbox inherits rather than on the command
+#: line (bubblewrap's ``--setenv`` arguments are visible in the host's process list) or in
+#: a file (the home is the user's).
 #: Where the hub's socket folder appears inside a sandbox. Not its host path: binding it at
 #: the same path would make MEDZONE_HOME (as empty parent folders) visible inside.
 HUB_SOCKET_DIR_INSIDE = "/run/medzone-hub"
@@ -87,16 +91,80 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _socket_answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1)
+def server_socket_path(home: MedZoneHome, user: str, server_name: str = "") -> Path:
+    """The host path of *user*'s server socket (a short hashed name: unix socket paths are
+    limited to 107 bytes)."""
+    digest = hashlib.sha256(f"{user}\0{server_name}".encode()).hexdigest()[:24]
+    return HubPaths(home).server_socket_dir / f"{digest}.sock"
+
+
+def bind_server_socket(path: Path) -> socket.socket:
+    """Bind and listen on *path* in the hub's own socket folder (made 0700 if missing); the
+    listening socket, mode 0600. A stale socket of an earlier server is replaced."""
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise MedZoneError(f"socket path {path} is too long for a unix socket: "
+                           "use a shorter MEDZONE_HOME")
     try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def secret_pipe(values: dict) -> int:
+    """A pipe's read end already holding *values* as JSON (the write end is closed)."""
+    data = json.dumps(values).encode()
+    read_end, write_end = os.pipe()
+    try:
+        view = memoryview(data)
+        while view:  # a few hundred bytes: well under a pipe's buffer
+            view = view[os.write(write_end, view):]
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
-        s.close()
+        os.close(write_end)
+    return read_end
+
+
+async def _server_answers(path: str, base_url: str, alive, interval: float) -> bool:
+    """Wait until the server behind the (already listening) socket *path* answers an HTTP
+    request; ``False`` once *alive()* says it is gone. The spawner bound the socket, so a
+    connection succeeds before the server runs: only an answer tells it is up."""
+    request = (f"HEAD {base_url}api HTTP/1.1\r\nHost: localhost\r\n"
+               "Connection: close\r\n\r\n").encode()
+    while alive():
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError:
+            await asyncio.sleep(interval)
+            continue
+        try:
+            writer.write(request)
+            await writer.drain()
+            while alive():
+                try:
+                    if await asyncio.wait_for(reader.read(1), interval):
+                        return True
+                    break  # closed without an answer: connect again
+                except asyncio.TimeoutError:
+                    continue
+        except OSError:
+            await asyncio.sleep(interval)
+        finally:
+            writer.close()
+    return False
 
 
 class SafeZoneSpawner(Spawner):
@@ -278,26 +346,14 @@ class SafeZoneSpawner(Spawner):
             policy = sandbox.build_policy(home, session, self.user.name, config=config,
                                           gpu_key=key)
         sandbox.ensure_home(home, policy)
-        sock_dir = policy.home_host / SOCKET_DIR
-        if sock_dir.is_symlink() or (sock_dir.exists() and not sock_dir.is_dir()):
-            sock_dir.unlink()
-        sock_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chown(sock_dir, policy.host_uid, policy.host_gid)
-        os.chmod(sock_dir, 0o700)
-        host_sock = sock_dir / SOCKET_NAME
-        if len(str(host_sock).encode()) > MAX_SOCKET_PATH:
-            raise MedZoneError(f"socket path {host_sock} is too long for a unix socket: "
-                               "use a shorter MEDZONE_HOME")
-        for stale in (host_sock, sock_dir / SECRET_ENV_FILE):
-            try:
-                stale.unlink()
-            except FileNotFoundError:
-                pass
+        # The socket is bound here, by the hub, in its own folder: nothing in the home.
+        host_sock = server_socket_path(home, self.user.name, self.name or "")
+        listener = bind_server_socket(host_sock)
         limits = None
         if policy.memory_limit_bytes is not None or policy.cpu_limit is not None:
             limits = sandbox.cgroup_limits_unavailable_reason(
                 sandbox.SandboxConfig(cgroup_parent=policy.cgroup_parent))
-        return home, policy, host_sock, limits
+        return home, policy, host_sock, listener, limits
 
     def _cgroup_for(self, policy) -> Path | None:
         path, reason = sandbox.sandbox_cgroup(policy)
@@ -305,19 +361,15 @@ class SafeZoneSpawner(Spawner):
             self.log.warning("%s: %s", self._log_name, reason)
         return path
 
-    def _write_secrets(self, policy, sock_dir: Path, env: dict) -> dict:
-        secrets_env = {k: env.pop(k) for k in SECRET_ENV_KEYS if k in env}
-        path = sock_dir / SECRET_ENV_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(secrets_env, f)
-        os.chown(path, policy.host_uid, policy.host_gid)
-        return env
+    @staticmethod
+    def _secret_fd(env: dict) -> int:
+        """Move the secrets out of *env* onto a pipe; its read end."""
+        return secret_pipe({k: env.pop(k) for k in SECRET_ENV_KEYS if k in env})
 
     async def start(self):
         t0 = time.monotonic()
         try:
-            home, policy, host_sock, limits = await asyncio.to_thread(self._prepare)
+            home, policy, host_sock, listener, limits = await asyncio.to_thread(self._prepare)
         except (NotFound, RuleViolation) as err:
             self.log.warning("refusing a server for %s: %s", self.user.name, err)
             raise web.HTTPError(403, str(err)) from None
@@ -335,7 +387,7 @@ class SafeZoneSpawner(Spawner):
             self.log.info("%s: GPU %s (CUDA_VISIBLE_DEVICES=%s)", self._log_name,
                           policy.gpu.path, policy.gpu.cuda_id)
 
-        inside_sock = f"{policy.home_inside}/{SOCKET_DIR}/{SOCKET_NAME}"
+        inside_sock = SOCKET_INSIDE
         paths = HubPaths(home)
         hub_bind = (str(paths.hub_socket_dir), HUB_SOCKET_DIR_INSIDE)
         hub_url_inside = unix_url(f"{HUB_SOCKET_DIR_INSIDE}/{paths.hub_socket.name}")
@@ -346,12 +398,17 @@ class SafeZoneSpawner(Spawner):
             "JUPYTERHUB_SERVICE_URL": unix_url(inside_sock) + self.server.base_url,
             "JUPYTERHUB_ROOT_DIR": policy.home_inside,
             "MEDZONE_SERVER_SOCKET": inside_sock,
-            "MEDZONE_SECRET_ENV": f"{policy.home_inside}/{SOCKET_DIR}/{SECRET_ENV_FILE}",
+            "MEDZONE_SERVER_FD": str(listener.fileno()),
             "MEDZONE_TERMINALS": "1" if self.terminals else "0",
         })
         for name in ("HOME", "USER", "LOGNAME", "PATH", "SHELL", "LANG"):
             env.pop(name, None)  # the policy sets these
-        env = self._write_secrets(policy, host_sock.parent, env)
+        try:
+            secret_fd = self._secret_fd(env)
+        except BaseException:
+            listener.close()
+            raise
+        env["MEDZONE_SECRET_FD"] = str(secret_fd)
 
         cgroup = None if limits else self._cgroup_for(policy)
         cmd = [*self.cmd, *self.get_args()]
@@ -365,16 +422,19 @@ class SafeZoneSpawner(Spawner):
             sandbox.check_reachable(policy, [hub_bind])
             # The keeper shell stays the sandbox monitor's parent when the hub restarts
             # (bubblewrap's --die-with-parent would otherwise end the server with the hub).
+            # The listening socket and the secrets' pipe are inherited by the server.
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", '"$@"', "medzone-sandbox", *argv,
-                pass_fds=(write_end,), env={}, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL)
+                pass_fds=(write_end, listener.fileno(), secret_fd), env={},
+                start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             os.close(read_end)
             sandbox.release_resources(policy, cgroup)
             raise
         finally:
             os.close(write_end)
+            os.close(secret_fd)
+            listener.close()  # the server holds it now
         try:
             child = await asyncio.wait_for(
                 asyncio.to_thread(sandbox.read_info_fd, read_end), 30)
@@ -398,14 +458,14 @@ class SafeZoneSpawner(Spawner):
         self.gpu_registry = str(policy.gpu_registry or "")
         self.cgroup = str(cgroup or "")
 
-        # Wait until the server's socket answers (not only exists): the hub then finds it
-        # up at once instead of backing off.
-        while not _socket_answers(str(host_sock)):
-            if proc.returncode is not None or not self._alive():
-                await self._cleanup()
-                raise web.HTTPError(500, f"the server for {self.user.name} exited while "
-                                         "starting; see the hub log")
-            await asyncio.sleep(self.connect_timeout)
+        # Wait until the server answers on its socket: the hub then finds it up at once
+        # instead of backing off.
+        if not await _server_answers(str(host_sock), self.server.base_url,
+                                     lambda: proc.returncode is None and self._alive(),
+                                     self.connect_timeout):
+            await self._cleanup()
+            raise web.HTTPError(500, f"the server for {self.user.name} exited while "
+                                     "starting; see the hub log")
         url = unix_url(host_sock)
         self.server.connect_url = url
         self.log.info("%s: sandbox uid %s, pid %s, datasets %s, up in %.2f s",
@@ -469,9 +529,12 @@ class SafeZoneSpawner(Spawner):
             sandbox.GpuRegistry(self.gpu_registry).release(self.gpu_key)
         sandbox.remove_cgroup(self.cgroup or None)
         if self.socket_path:
-            for f in (Path(self.socket_path), Path(self.socket_path).with_name(SECRET_ENV_FILE)):
+            sock = Path(self.socket_path)
+            # Only a socket in the hub's own folder: never a path in a home (servers started
+            # by an older version kept theirs there; the user owns that folder).
+            if sock.parent == HubPaths(self.home).server_socket_dir:
                 try:
-                    f.unlink()
+                    sock.unlink()
                 except OSError:
                     pass
 
