@@ -19,9 +19,13 @@ notebook can show an image it reads). That channel is inherent to interactive an
 it is bounded by what a person can copy by hand, not by a download link.
 
 ``python -m medzone_hub.singleuser`` starts ``jupyterhub-singleuser`` (the JupyterHub
-extension of jupyter_server) listening on the unix socket ``$MEDZONE_SERVER_SOCKET``, with
-MedZone's kernelspec (:mod:`medzone_hub.kernelspec`) as the only kernel. This module
-imports nothing of the hub's store: it runs inside the sandbox.
+extension of jupyter_server) with MedZone's kernelspec (:mod:`medzone_hub.kernelspec`) as
+the only kernel. It serves on the listening unix socket the spawner bound outside the
+sandbox and handed over as the inherited descriptor ``$MEDZONE_SERVER_FD``
+(``$MEDZONE_SERVER_SOCKET`` is then only the name it is known by); without one, it binds
+``$MEDZONE_SERVER_SOCKET`` itself. Its secrets arrive as JSON on the inherited pipe
+``$MEDZONE_SECRET_FD``. This module imports nothing of the hub's store: it runs inside the
+sandbox.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ except ImportError:  # pragma: no cover - jupyter_server < 2.13
 ENV_SOCKET = "MEDZONE_SERVER_SOCKET"
 ENV_TERMINALS = "MEDZONE_TERMINALS"
 ENV_SECRET_FILE = "MEDZONE_SECRET_ENV"
+ENV_SOCKET_FD = "MEDZONE_SERVER_FD"
+ENV_SECRET_FD = "MEDZONE_SECRET_FD"
 
 #: JupyterLab plugins that download or export files through the browser.
 DISABLED_LAB_PLUGINS = (
@@ -179,9 +185,17 @@ def server_config(socket_path: str, *, terminals: bool = False,
 
 
 def _load_secret_env() -> None:
-    """Move the secrets the spawner left in a 0600 file into the environment."""
+    """Move the secrets the spawner passed on a pipe (or, from older spawners, left in a
+    0600 file) into the environment."""
     import json
 
+    fd = os.environ.pop(ENV_SECRET_FD, "")
+    if fd:
+        chunks = []
+        with os.fdopen(int(fd), "rb") as pipe:
+            while chunk := pipe.read(65536):
+                chunks.append(chunk)
+        os.environ.update(json.loads(b"".join(chunks) or b"{}"))
     path = os.environ.pop(ENV_SECRET_FILE, "")
     if not path:
         return
@@ -195,8 +209,25 @@ def _load_secret_env() -> None:
             pass
 
 
+def serve_on_inherited_socket(serverapp, fd: int) -> None:
+    """Make *serverapp* serve on the listening socket *fd* instead of binding its ``sock``
+    path (jupyter_server binds in ``_bind_http_server_unix``, called once its loop runs)."""
+    import socket
+
+    listener = socket.socket(fileno=fd)
+    listener.set_inheritable(False)  # kernels and terminals do not get it
+    listener.setblocking(False)
+
+    def bind() -> bool:
+        serverapp.http_server.add_socket(listener)
+        return True
+
+    serverapp._bind_http_server_unix = bind
+
+
 def main(argv: list[str] | None = None) -> None:
     _load_secret_env()
+    inherited = os.environ.pop(ENV_SOCKET_FD, "")
     socket_path = os.environ.get(ENV_SOCKET)
     if not socket_path:
         sys.exit(f"{ENV_SOCKET} is not set: the server must listen on a unix socket")
@@ -208,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     serverapp = JupyterHubSingleUser.initialize_server(
         argv=argv if argv is not None else sys.argv[1:], config=config)
     serverapp.web_app.settings["page_config_hook"] = page_config_hook
+    if inherited:
+        serve_on_inherited_socket(serverapp, int(inherited))
     serverapp.start()
 
 

@@ -11,6 +11,11 @@ What a folder cannot say is whether an unfinished notebook is still being execut
 its run was killed (the portal restarted: sandboxes die with the process that started
 them). The portal knows the runs it started itself; for any other run it looks for the
 sandbox executing it, whose command line names the run folder.
+
+The portal runs as root and the home is the user's: every read of a run folder goes
+through :class:`medzone_hub.homefs.UserHome` (descriptors, ``O_NOFOLLOW`` on every
+component, only regular files the user owns), so a ``parameters.json``, notebook or
+``runs`` folder swapped for a symbolic link is refused, never read.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tornado import web
 from .. import runner
 from ..airlock import user_home
 from ..errors import MedZoneError
+from ..homefs import UserHome
 
 #: A run folder's name: ``<UTC timestamp>-<template>`` (``-<n>`` when two runs of a
 #: template start in the same second).
@@ -41,6 +47,10 @@ START_TIMEOUT = 120.0
 
 #: How many runs started here are remembered (only to keep a runner's own error line).
 KEEP_RUNS = 200
+
+#: Largest executed notebook / parameters file the portal reads back from a run folder.
+MAX_NOTEBOOK_BYTES = 64 * 1024 * 1024
+MAX_PARAMETERS_BYTES = 1024 * 1024
 
 INTERRUPTED = ("the run stopped before it finished: the process running it is gone "
                "(the portal or the machine restarted); run it again")
@@ -69,23 +79,31 @@ class RunTracker:
         self._lock = threading.Lock()
         self._user_locks: dict[str, threading.Lock] = {}
 
-    def runs_dir(self, user: str) -> Path:
-        return user_home(self.portal.home, user) / "runs"
+    def home_fs(self, user: str) -> UserHome:
+        return UserHome.of(self.portal.home, user)
 
     def names(self, user: str) -> list[str]:
-        """*user*'s run folders, newest first."""
-        folder = self.runs_dir(user)
-        if not folder.is_dir():
+        """*user*'s run folders, newest first (a ``runs`` that is a link lists nothing)."""
+        fs = self.home_fs(user)
+        try:
+            entries = fs.listdir("runs")
+        except MedZoneError:
             return []
-        return sorted((p.name for p in folder.iterdir()
-                       if p.is_dir() and RUN_NAME.fullmatch(p.name)), reverse=True)
+        return sorted((n for n in entries if RUN_NAME.fullmatch(n) and fs.is_dir(f"runs/{n}")),
+                      reverse=True)
 
-    def run_dir(self, user: str, name: str) -> Path:
-        """*user*'s run folder *name*; 404 for anything else."""
-        path = self.runs_dir(user) / name
-        if not RUN_NAME.fullmatch(name) or not path.is_dir():
+    def run_dir(self, user: str, name: str) -> str:
+        """*user*'s run folder *name*, relative to the home; 404 for anything else."""
+        if not RUN_NAME.fullmatch(name):
             raise web.HTTPError(404, f"no run {name} of yours")
-        return path
+        rel = f"runs/{name}"
+        try:
+            found = self.home_fs(user).is_dir(rel)
+        except MedZoneError:
+            found = False
+        if not found:
+            raise web.HTTPError(404, f"no run {name} of yours")
+        return rel
 
     # starting ---------------------------------------------------------------------------
 
@@ -146,9 +164,11 @@ class RunTracker:
         """What a run's page shows, from its folder (and, for a run started here, how the
         runner ended it)."""
         run_dir = self.run_dir(user, name)
-        stem = template_of(name, run_dir)
-        notebook = run_dir / f"{stem}.ipynb"
-        nb = read_notebook(notebook)
+        fs = self.home_fs(user)
+        stem = template_of(name, run_dir, fs)
+        notebook = f"{run_dir}/{stem}.ipynb"
+        data = read_home_file(fs, notebook, MAX_NOTEBOOK_BYTES)
+        nb = notebook_of(data)
         done, total, current = cell_progress(nb)
         meta = (nb or {}).get("metadata", {}).get("papermill", {})
         started = self._started.get((user, name))
@@ -157,11 +177,11 @@ class RunTracker:
             state, error = started.state, started.error
             if state == "failed" and meta.get("exception"):
                 # The cell's line, without the runner's host path of the partial notebook.
-                error = runner.failed_cell(notebook) or error
+                error = runner._failed_cell_in_bytes(data) or error
         elif meta.get("end_time"):
             failed = bool(meta.get("exception"))
             state = "failed" if failed else "ok"
-            error = (runner.failed_cell(notebook) or "a cell failed") if failed else None
+            error = (runner._failed_cell_in_bytes(data) or "a cell failed") if failed else None
         elif ((started is not None and started.thread is not None and started.thread.is_alive())
               or sandbox_running(user_home(self.portal.home, user), name)):
             state, error = "running", None
@@ -178,8 +198,8 @@ class RunTracker:
             "id": name, "template": stem, "state": state, "error": error,
             "cells_done": done, "cells_total": total, "current_cell": current,
             "seconds": None if seconds is None else round(float(seconds), 1),
-            "notebook": f"runs/{name}/{notebook.name}" if nb is not None else None,
-            "parameters": read_parameters(run_dir),
+            "notebook": notebook if nb is not None else None,
+            "parameters": read_parameters(fs, run_dir),
         }
 
 
@@ -187,29 +207,45 @@ def one_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def template_of(name: str, run_dir: Path | None = None) -> str:
+def template_of(name: str, run_dir: str | None = None, fs: UserHome | None = None) -> str:
     """The template a run folder *name* ran: the name after the timestamp, less a ``-<n>``
     suffix the runner adds when two runs start in the same second (the executed notebook,
-    once written, says which)."""
+    once written, says which). *run_dir* is relative to the home *fs*."""
     rest = name.split("-", 1)[1]
-    if run_dir is not None and (run_dir / f"{rest}.ipynb").is_file():
-        return rest
+    if run_dir is not None and fs is not None:
+        try:
+            if fs.is_file(f"{run_dir}/{rest}.ipynb"):
+                return rest
+        except MedZoneError:
+            pass
     match = _SUFFIX.fullmatch(rest)
     return match.group(1) if match else rest
 
 
-def read_notebook(path: Path) -> dict | None:
+def read_home_file(fs: UserHome, rel: str, max_bytes: int) -> bytes | None:
+    """The bytes of the user's own regular file *rel*, read through *fs*; ``None`` when it
+    is missing, a link (anywhere on its path), not the user's, or over *max_bytes*."""
     try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return fs.read_bytes(rel, max_bytes=max_bytes)
+    except (OSError, MedZoneError):
+        return None
+
+
+def notebook_of(data: bytes | None) -> dict | None:
+    if data is None:
+        return None
+    try:
+        nb = json.loads(data.decode("utf-8"))
+    except ValueError:
         return None  # not written yet, or caught mid-write: the next poll reads it
     return nb if isinstance(nb, dict) else None
 
 
-def read_parameters(run_dir: Path) -> dict:
+def read_parameters(fs: UserHome, run_dir: str) -> dict:
+    data = read_home_file(fs, f"{run_dir}/{runner.PARAMETERS_FILE}", MAX_PARAMETERS_BYTES)
     try:
-        values = json.loads((run_dir / runner.PARAMETERS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        values = json.loads(data.decode("utf-8")) if data is not None else {}
+    except ValueError:
         return {}
     return values if isinstance(values, dict) else {}
 
