@@ -1120,9 +1120,18 @@ def notebook_views(home: MedZoneHome, request: ExportRequest,
 
     from .previews import preview_kind
 
-    base = quarantine_dir(home, request.id)
     if session is None:
         session = Session.object_session(request)
+    if session is None:  # a request read in a session since closed: look the runs up anew
+        from .db import connect
+
+        store = connect(home.db_url)
+        try:
+            with store.session() as fresh:
+                return notebook_views(home, request, fresh)
+        finally:
+            store.close()
+    base = quarantine_dir(home, request.id)
     out = []
     for f in request.files:
         if preview_kind(f.path) != "notebook":
@@ -1148,15 +1157,12 @@ def notebook_views(home: MedZoneHome, request: ExportRequest,
     return out
 
 
-def notebook_base(home: MedZoneHome, session: Session | None, user: str,
-                  path: str) -> bytes | None:
+def notebook_base(home: MedZoneHome, session: Session, user: str, path: str) -> bytes | None:
     """The diff base of *user*'s notebook *path* (relative to the home): the hub's own copy
     of the template, by the sha256 the ``run.execute`` row of the run that wrote *path*
     records; ``None`` when no such run (or no kept copy) exists."""
     from .runner import run_base
 
-    if session is None:
-        return None
     return run_base(home, session, user, path)
 
 

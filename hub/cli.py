@@ -308,13 +308,13 @@ def cmd_export_review(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_show(args, home: MedZoneHome) -> int:
-    from .airlock import get_request, notebook_diffs, risk_report_text, screen_report, status
+    from .airlock import get_request, notebook_views, risk_report_text, screen_report, status
 
     with _open_store(home).session() as session:
         request = get_request(session, args.id)
         info = status(request)
         report = screen_report(request)
-        diffs = notebook_diffs(home, request)
+        diffs = notebook_views(home, request, session)
         risk_text = risk_report_text(home, request)
     print(f"export request {info['id']} by {info['user']}: {info['state']}, screen verdict "
           f"{info['verdict']}, {info['approvals']} of {info['approvals_required']} approvals")
@@ -338,9 +338,15 @@ def cmd_export_show(args, home: MedZoneHome) -> int:
     for review in info["reviews"]:
         print(f"\nreview: {review['reviewer']} {review['decision']} at {review['time']}"
               + (f": {review['comment']}" if review["comment"] else ""))
-    for path, diff in diffs:
-        print(f"\n--- nbdime diff of {path} against its template ---")
-        sys.stdout.write(diff if diff.strip() else "(no changes)\n")
+    for path, kind, text in diffs:
+        if kind == "diff":
+            print(f"\n--- nbdime diff of {path} against its template ---")
+            text = text if text.strip() else "(no changes)\n"
+        else:
+            print(f"\n--- {path}, shown whole ---")
+        # The requester wrote it: shown as text, without terminal control sequences.
+        sys.stdout.write("".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd"
+                                 for ch in text).rstrip("\n") + "\n")
     return 0
 
 

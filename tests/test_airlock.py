@@ -382,6 +382,16 @@ def test_show_diffs_an_executed_template(zone, capsys):
         new_code_cell("print(auc)", outputs=[new_output("stream", name="stdout", text="0.91\n")]),
     ])
     nbformat.write(executed, run / "roc.ipynb")
+    # The run as the runner records it: the base is the hub's own copy of the template, by
+    # the sha256 its run.execute row names (a template.ipynb in the home is never read).
+    from medzone_hub import runner
+
+    digest = runner.keep_template(zone.home, (run / "template.ipynb").read_bytes())
+    with zone.store.session() as s:
+        audit.append(s, actor="alice", action="run.execute", subject="template:roc",
+                     detail={"template": "roc", "template_sha256": digest,
+                             "template_copy": digest, "status": "ok",
+                             "output": "/home/alice/runs/20250101-roc/roc.ipynb"})
     rid = zone.request("runs/20250101-roc/roc.ipynb")
     (path, diff), = airlock.notebook_diffs(zone.home, zone.get(rid))
     assert path == "runs/20250101-roc/roc.ipynb"

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from tornado import web
 
-from .. import airlock
+from .. import airlock, previews
 from ..models import ExportRequest, User
 from . import roles
 from .base import PortalHandler, paginate, requires
@@ -30,10 +30,10 @@ MAX_PICKER_FILES = 300
 #: Rows and bytes of a table or text shown in a review preview.
 PREVIEW_ROWS = 20
 PREVIEW_BYTES = 4096
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-               ".gif": "image/gif"}
-TEXT_SUFFIXES = {".txt", ".json", ".md", ".log"}
-TABLE_SUFFIXES = {".csv", ".tsv"}
+# Which files get which preview is :mod:`medzone_hub.previews`' rule (the airlock's too).
+IMAGE_TYPES = previews.IMAGE_TYPES
+TEXT_SUFFIXES = previews.TEXT_SUFFIXES
+TABLE_SUFFIXES = previews.TABLE_SUFFIXES
 
 
 def home_files(root: Path, limit: int = MAX_PICKER_FILES) -> list[dict]:
@@ -144,7 +144,7 @@ class DownloadHandler(PortalHandler):
 
     def _send(self, path: Path, name: str) -> None:
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+        self.set_header("Content-Disposition", previews.content_disposition(name))
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
         with open(path, "rb") as f:
@@ -190,7 +190,7 @@ class ReviewHandler(PortalHandler):
             return {
                 "info": info,
                 "report": airlock.screen_report(request),
-                "diffs": airlock.notebook_diffs(self.home, request),
+                "diffs": airlock.notebook_views(self.home, request, session),
                 "earlier": [airlock.status(r) for r in earlier_releases(session, request)],
                 "previews": [preview(self.home, request.id, f["path"]) for f in info["files"]],
             }
@@ -207,12 +207,20 @@ class ReviewHandler(PortalHandler):
 
 
 def preview(home, request_id: int, rel: str) -> dict:
-    """How the review page shows one quarantined file: an image, a table's first rows, a
-    text's first bytes, or nothing (notebooks have the diff; others are described only)."""
+    """How the review page shows one quarantined file (:func:`medzone_hub.previews.preview_kind`):
+    an image, a table's first rows, a text's first bytes, a notebook (its diff or the whole
+    notebook, further down the page), or "no preview — download to inspect" with a link
+    to the quarantined file (``url``: the file's quoted path under ``review/<id>/files/``)."""
     path = airlock.quarantine_dir(home, request_id) / "files" / rel
     suffix = PurePosixPath(rel).suffix.lower()
-    if suffix in IMAGE_TYPES:
-        return {"path": rel, "kind": "image"}
+    kind = previews.preview_kind(rel)
+    url = f"review/{int(request_id)}/files/{previews.url_path(rel)}"
+    if kind == "image":
+        return {"path": rel, "kind": "image", "url": url}
+    if kind == "notebook":
+        return {"path": rel, "kind": "notebook", "url": url}
+    if kind is None:
+        return {"path": rel, "kind": "none", "note": previews.NO_PREVIEW_TEXT, "url": url}
     try:
         if suffix in TABLE_SUFFIXES:
             with open(path, newline="", encoding="utf-8", errors="replace") as f:
@@ -225,13 +233,14 @@ def preview(home, request_id: int, rel: str) -> dict:
             return {"path": rel, "kind": "text", "text": text,
                     "truncated": path.stat().st_size > PREVIEW_BYTES}
     except OSError as err:
-        return {"path": rel, "kind": "none", "note": f"cannot read: {err.strerror}"}
-    return {"path": rel, "kind": "none"}
+        return {"path": rel, "kind": "none", "note": f"cannot read: {err.strerror}", "url": url}
+    return {"path": rel, "kind": "none", "note": previews.NO_PREVIEW_TEXT, "url": url}
 
 
 class PreviewFileHandler(PortalHandler):
-    """A quarantined image, for reviewers' previews (never to the requester: the download
-    after approval is the only way out for them)."""
+    """A quarantined file, for reviewers (never to the requester: the download after
+    approval is the only way out for them): an image inline for its preview, any other
+    file as a download ("no preview — download to inspect"). *rel* arrives URL-decoded."""
 
     @requires(roles.REVIEWER)
     def get(self, request_id: str, rel: str):
@@ -241,10 +250,17 @@ class PreviewFileHandler(PortalHandler):
                 raise web.HTTPError(403, "requesters do not preview their own requests")
             paths = {f.path for f in request.files}
         suffix = PurePosixPath(rel).suffix.lower()
-        if rel not in paths or suffix not in IMAGE_TYPES:
-            raise web.HTTPError(404, f"no image {rel} in export request {request_id}")
+        if rel not in paths:
+            raise web.HTTPError(404, f"no file {rel} in export request {request_id}")
         data = (airlock.quarantine_dir(self.home, int(request_id)) / "files" / rel).read_bytes()
-        self.set_header("Content-Type", IMAGE_TYPES[suffix] or mimetypes.guess_type(rel)[0])
+        if previews.preview_kind(rel) == "image":
+            self.set_header("Content-Type", IMAGE_TYPES[suffix] or mimetypes.guess_type(rel)[0])
+            self.set_header("Content-Disposition",
+                            previews.content_disposition(PurePosixPath(rel).name, "inline"))
+        else:
+            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Disposition",
+                            previews.content_disposition(PurePosixPath(rel).name))
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Content-Security-Policy", "default-src 'none'; sandbox")
         self.set_header("Cache-Control", "no-store")
