@@ -203,6 +203,19 @@ class ExportLimits:
     #: raises it for a person who needs more.
     export_quarantine_quota_bytes: int = 1024 * MB
 
+    @classmethod
+    def from_config(cls, config) -> "ExportLimits":
+        """The limits set in the ``ExportLimits`` section of the hub's config file (which
+        the hub API and the portal both read), e.g.
+        ``c.ExportLimits.export_max_file_bytes = 32 * 1024 * 1024``; defaults for the rest."""
+        section = dict(config["ExportLimits"]) if config is not None and "ExportLimits" in config \
+            else {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown export limit {unknown[0]!r} (one of {', '.join(sorted(known))})")
+        return cls(**section)
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -41,8 +41,17 @@ def http_error(err: MedZoneError) -> web.HTTPError:
 
 
 class _MedZoneAPIHandler(APIHandler):
-    def initialize(self, medzone_home: str):
+    def initialize(self, medzone_home: str, export_limits: airlock.ExportLimits | None = None):
         self.medzone_home = resolve_home(medzone_home)
+        self.export_limits = export_limits
+
+    def limits(self) -> airlock.ExportLimits:
+        """The export limits: given to :func:`api_handlers`, else the ``ExportLimits``
+        section of the hub's config (read when used, so a config file that loads MedZone's
+        and sets them afterwards counts)."""
+        if self.export_limits is not None:
+            return self.export_limits
+        return airlock.ExportLimits.from_config(self.settings.get("config"))
 
     @property
     def store(self):
@@ -107,7 +116,7 @@ class ExportsHandler(_MedZoneAPIHandler):
             raise web.HTTPError(400, "'risk_report' must be the path of one file in your home")
         request_id = await self.run(airlock.submit_export, self.store, self.medzone_home,
                                     user=user, paths=paths, reason=reason,
-                                    risk_report=risk_report)
+                                    risk_report=risk_report, limits=self.limits())
         self.log.info("export request %s by %s through the hub API", request_id, user)
         info = await self.run(self._status, request_id, user)
         self.set_status(201)
@@ -123,10 +132,12 @@ class ExportHandler(_MedZoneAPIHandler):
         self.write(await self.run(self._status, int(request_id), user))
 
 
-def api_handlers(home: str | MedZoneHome | None = None) -> list[tuple]:
-    """The handlers to give ``JupyterHub.extra_handlers`` for the store under *home*."""
+def api_handlers(home: str | MedZoneHome | None = None,
+                 export_limits: airlock.ExportLimits | None = None) -> list[tuple]:
+    """The handlers to give ``JupyterHub.extra_handlers`` for the store under *home*
+    (*export_limits*: :meth:`medzone_hub.airlock.ExportLimits.from_config` of the config)."""
     root = str(home.root if isinstance(home, MedZoneHome) else resolve_home(home).root)
-    kwargs = {"medzone_home": root}
+    kwargs = {"medzone_home": root, "export_limits": export_limits}
     return [
         (r"/api/medzone/exports/?", ExportsHandler, kwargs),
         (r"/api/medzone/exports/(\d{1,18})/?", ExportHandler, kwargs),

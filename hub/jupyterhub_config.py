@@ -86,6 +86,10 @@ c.SafeZoneSpawner.poll_interval = 15
 # endpoints must live in the hub itself.
 from medzone_hub.hub_api import api_handlers  # noqa: E402
 
+# Export size limits (per file, per request, quarantine quota per person): the defaults of
+# medzone_hub.airlock.ExportLimits unless set here, e.g.
+# c.ExportLimits.export_max_file_bytes = 32 * 1024 * 1024. The portal reads them too.
+# A config file loading this one may set them after it: the handlers read them lazily.
 c.JupyterHub.extra_handlers = api_handlers(home)
 
 # --- the MedZone portal (web pages for applicants, stewards and reviewers) ----------------

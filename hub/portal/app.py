@@ -42,6 +42,9 @@ class Portal:
     templates_dir: str | None = None
     page_size: int = 25
     runs: object = field(default=None)
+    #: Export size limits (:class:`medzone_hub.airlock.ExportLimits`; the hub config's
+    #: ``ExportLimits`` section).
+    export_limits: object = None
     _hub_db_factory: object = field(default=None, repr=False)
 
     def hub_db(self):
@@ -169,6 +172,9 @@ class PortalApp(Application):
                         sandbox_config=sandbox_config_from(self.config),
                         templates_dir=self.templates_dir or None, page_size=self.page_size)
         portal.runs = RunTracker(portal)
+        from ..airlock import ExportLimits
+
+        portal.export_limits = ExportLimits.from_config(self.config)
         return web.Application(
             handlers(prefix), portal=portal, cookie_secret=cookie_secret(home),
             xsrf_cookies=True, static_url_prefix=prefix + "static/",

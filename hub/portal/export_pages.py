@@ -21,6 +21,8 @@ from sqlalchemy import select
 from tornado import web
 
 from .. import airlock, previews
+from ..errors import MedZoneError
+from ..homefs import UserHome
 from ..models import ExportRequest, User
 from . import roles
 from .base import PortalHandler, paginate, requires
@@ -36,25 +38,14 @@ TEXT_SUFFIXES = previews.TEXT_SUFFIXES
 TABLE_SUFFIXES = previews.TABLE_SUFFIXES
 
 
-def home_files(root: Path, limit: int = MAX_PICKER_FILES) -> list[dict]:
-    """Regular files in a home (hidden folders skipped), newest first."""
-    found = []
-    if not root.is_dir():
-        return found
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if path.is_symlink():
-                continue
-            found.append({"path": path.relative_to(root).as_posix(), "size": st.st_size,
-                          "mtime": st.st_mtime})
+def home_files(fs: UserHome, limit: int = MAX_PICKER_FILES) -> list[dict]:
+    """Regular files in a home (hidden folders skipped, links never followed: the home is
+    walked from descriptors), newest first."""
+    try:
+        entries = fs.walk_stats("", skip_hidden=True)
+    except MedZoneError:
+        return []
+    found = [{"path": rel, "size": st.st_size, "mtime": st.st_mtime} for rel, st in entries]
     found.sort(key=lambda f: (-f["mtime"], f["path"]))
     return found[:limit]
 
@@ -84,7 +75,7 @@ class ExportsHandler(PortalHandler):
     def get(self):
         with self.store.session() as session:
             rows = [airlock.status(r) for r in user_requests(session, self.user_name)]
-        files = home_files(airlock.user_home(self.home, self.user_name))
+        files = home_files(UserHome.of(self.home, self.user_name))
         self.render_page("exports.html", page=paginate(rows, self.page_number(),
                                                        self.portal.page_size),
                          files=files, preselected=self.get_query_arguments("path"))
@@ -97,7 +88,7 @@ class ExportsHandler(PortalHandler):
         # Copying and screening take a while: off the event loop, so other pages stay live.
         request_id = await asyncio.to_thread(
             airlock.submit_export, self.store, self.home, user=self.user_name, paths=paths,
-            reason=self.get_body_argument("reason", ""))
+            reason=self.get_body_argument("reason", ""), limits=self.portal.export_limits)
         self.redirect(self.url(f"exports/{request_id}"))
 
 

@@ -107,3 +107,17 @@ def test_limits_are_settings_with_defaults_on():
     assert limits.export_quarantine_quota_bytes == 1 << 30
     with pytest.raises(ValueError, match="export_max_file_bytes"):
         ExportLimits(export_max_file_bytes=0)
+
+
+def test_limits_come_from_the_hub_config_file():
+    from traitlets.config import Config
+
+    c = Config()
+    c.ExportLimits.export_max_file_bytes = 1 << 20
+    limits = ExportLimits.from_config(c)
+    assert limits.export_max_file_bytes == 1 << 20
+    assert limits.export_max_request_bytes == ExportLimits().export_max_request_bytes
+    assert ExportLimits.from_config(Config()) == ExportLimits()
+    c.ExportLimits.max_file = 3
+    with pytest.raises(ValueError, match="unknown export limit 'max_file'"):
+        ExportLimits.from_config(c)
