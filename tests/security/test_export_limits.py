@@ -121,3 +121,45 @@ def test_limits_come_from_the_hub_config_file():
     c.ExportLimits.max_file = 3
     with pytest.raises(ValueError, match="unknown export limit 'max_file'"):
         ExportLimits.from_config(c)
+
+
+def test_a_file_growing_while_requested_never_passes_the_limit(zone):
+    """A sandbox process appends to a file (up to 10 MB, bounded) while it is requested over
+    and over with a 1 MB per-file limit: whichever check sees it (the size of the opened
+    descriptor, or the copy that stops at the limit), nothing over 1 MB is quarantined."""
+    import subprocess
+    import time
+
+    cap = 1 << 20
+    limits = ExportLimits(export_max_file_bytes=cap)
+    assert zone.sh("alice", "rm -f ~/grow.txt ~/grow-started ~/stop-grow").returncode == 0
+    script = ("cd ~ && printf 'n\\n' > grow.txt && touch grow-started && i=0 && "
+              "while [ $i -lt 160 ] && [ ! -e stop-grow ]; do "
+              "head -c 65536 /dev/zero | tr '\\0' '7' >> grow.txt; i=$((i+1)); done; "
+              "rm -f stop-grow")
+    started = zone.home_of("alice") / "grow-started"
+    writer = subprocess.Popen(zone.sh_argv("alice", script), env=zone.env(), cwd="/",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    accepted, refused = [], 0
+    try:
+        while not started.exists():
+            assert writer.poll() is None, writer.communicate()
+            time.sleep(0.05)
+        for _ in range(20):
+            try:
+                accepted.append(_export(zone, "grow.txt", limits=limits))
+            except FileTooLarge as err:
+                assert "(export_max_file_bytes)" in str(err) and "\n" not in str(err)
+                refused += 1
+    finally:
+        (zone.home_of("alice") / "stop-grow").touch()
+        writer.communicate(timeout=120)
+    with zone.store.session() as s:
+        for rid in accepted:
+            (f,) = airlock.get_request(s, rid).files
+            assert f.size <= cap
+            copy = airlock.quarantine_dir(zone.home, rid) / "files" / "grow.txt"
+            assert copy.stat().st_size == f.size
+    assert refused > 0
+    assert zone.staging_entries() == []
+    assert zone.audit_ok()
