@@ -16,6 +16,7 @@ DICOM, NIFTI, NPY, NPZ, PICKLE, HDF5, PARQUET = "dicom", "nifti", "npy", "npz", 
 ZIP, GZIP, TAR, OTHER_ARCHIVE = "zip", "gzip", "tar", "archive"
 TORCH, SAFETENSORS, ONNX = "torch", "safetensors", "onnx"
 PNG, JPEG, GIF, PDF = "png", "jpeg", "gif", "pdf"
+WEBP, TIFF, BMP = "webp", "tiff", "bmp"
 
 #: Data a dataset is made of: never leaves.
 DATA_KINDS = {DICOM: "a DICOM file", NIFTI: "a NIfTI volume", NPY: "a NumPy array",
@@ -25,6 +26,8 @@ WEIGHT_KINDS = {TORCH: "PyTorch weights", SAFETENSORS: "safetensors weights",
                 ONNX: "an ONNX model"}
 ARCHIVE_KINDS = {ZIP: "a zip archive", GZIP: "a gzip stream", TAR: "a tar archive",
                  OTHER_ARCHIVE: "an archive (bzip2/xz/7z/rar)"}
+#: Images the screen does not decode (no pixel checks, no metadata rules): never leave.
+UNREAD_IMAGE_KINDS = {WEBP: "a WebP image", TIFF: "a TIFF image", BMP: "a BMP image"}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".onnx", ".bin", ".h5", ".keras")
 
 
@@ -50,6 +53,12 @@ def sniff(data: bytes, name: str = "") -> str | None:
         return GIF
     if head.startswith(b"%PDF-"):
         return PDF
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return WEBP
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return TIFF
+    if head[:2] == b"BM" and len(head) >= 14 and struct.unpack("<I", head[2:6])[0] == len(data):
+        return BMP
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return HDF5
     if head.startswith(b"PAR1") and data.endswith(b"PAR1"):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from . import embedded
+from . import containers, embedded
 from .images import check_image
 from .model import (BLOCK, PASS, REVIEW, RULE_EMBEDDED_DATA, RULE_FILE_SIZE,
                     RULE_FILE_TYPE, RULE_MALFORMED, RULE_MODEL_WEIGHTS, RULE_PATH, Collector,
@@ -222,11 +222,15 @@ class _Screen:
         if kind in (embedded.PNG, embedded.JPEG, embedded.GIF):
             if kind not in cfg.allowed_types:
                 col.add(RULE_FILE_TYPE, REVIEW, where, f"a {kind.upper()} image (not allowed)")
+            self.image_layout(kind, data, where, depth)
             self.images.add(data, where)
             return
+        if kind in embedded.UNREAD_IMAGE_KINDS:
+            col.add(RULE_FILE_TYPE, BLOCK, where, f"{embedded.UNREAD_IMAGE_KINDS[kind]} (a format "
+                    "the screen does not read: export PNG or JPEG)")
+            return
         if kind == embedded.PDF:
-            text = data.decode("latin-1")
-            scan_text(text, self.probe, col, where)
+            self.pdf(data, where, depth)
             if "pdf" not in cfg.allowed_types:
                 col.add(RULE_FILE_TYPE, BLOCK, where, "a PDF (not an allowed output type)")
             return
@@ -268,6 +272,109 @@ class _Screen:
         html = "<table" in text[:1 << 20].lower() or lower.endswith((".html", ".htm"))
         NotebookScreen(col, self.probe, self.nested).scan(text, where,
                                                          tables="html" if html else "text")
+
+    def image_layout(self, kind: str, data: bytes, where: str, depth: int) -> None:
+        """Every byte of an image that is not pixels: metadata blocks (a finding unless
+        harmless, and screened), bytes after the end marker (block, and screened)."""
+        col, cfg = self.col, self.col.config
+        layout = containers.image_layout(kind, data, max_text_bytes=cfg.max_metadata_bytes,
+                                         text_keys=cfg.harmless_png_text_keys)
+        for severity, detail in layout.problems:
+            col.add(RULE_MALFORMED, severity, where, detail)
+        for n, extra in enumerate(layout.extras, 1):
+            if extra.label:
+                col.add(RULE_EMBEDDED_DATA, REVIEW, where,
+                        f"{extra.label}: data beside the pixels, unseen by a reviewer")
+            self.hidden(extra.data, f"{where} metadata {n}", depth)
+        trailer = layout.trailer(data)
+        if trailer:
+            col.add(RULE_EMBEDDED_DATA, BLOCK, where,
+                    f"{len(trailer)} bytes after the end of the {kind.upper()} image")
+            self.hidden(trailer, f"{where} after the image", depth)
+
+    def hidden(self, data: bytes, where: str, depth: int) -> None:
+        """Bytes a container carries beside what it shows (image metadata, a trailer, a PDF
+        stream): a file at its start or anywhere inside (by magic bytes), files in base64
+        runs, and its text under the text rules."""
+        if not data:
+            return
+        kind = embedded.sniff(data)
+        if kind is not None and kind not in embedded.UNREAD_IMAGE_KINDS:  # EXIF is TIFF
+            self.inner(data, where, depth, kind)
+            return
+        self.files_in(data, where, depth)
+        for decoded in containers.base64_runs(data):
+            kind = embedded.sniff(decoded)
+            if kind is not None:
+                self.inner(decoded, f"{where} base64", depth, kind)
+            else:
+                self.files_in(decoded, f"{where} base64", depth)
+        NotebookScreen(self.col, self.probe, self.nested).scan(
+            containers.readable_text(data), where)
+
+    def files_in(self, data: bytes, where: str, depth: int) -> None:
+        """Files that start anywhere inside ``data`` (by magic bytes)."""
+        for start in containers.embedded_starts(data):
+            kind = embedded.sniff(data[start:])
+            if kind is not None:
+                self.inner(data[start:], f"{where} at byte {start}", depth, kind)
+
+    def inner(self, data: bytes, where: str, depth: int, kind: str) -> None:
+        """A file of a known kind found inside a container, one level deeper."""
+        cfg = self.col.config
+        if depth >= cfg.max_archive_depth:
+            self.col.add(RULE_EMBEDDED_DATA, BLOCK, where,
+                         f"files nested deeper than {cfg.max_archive_depth} levels")
+            return
+        self.content(data, "", where, depth + 1, kind=kind, nested=True)
+
+    def pdf(self, data: bytes, where: str, depth: int) -> None:
+        """A PDF's text as it is stored and as its streams decode (Flate, ASCIIHex,
+        ASCII85, LZW, RunLength; the strings that content streams show), files in its
+        streams or between its objects, and bytes after its end."""
+        col, cfg = self.col, self.col.config
+        streams = containers.pdf_streams(data)
+        skeleton = containers.pdf_skeleton(data, streams)
+        scan_text(containers.readable_text(skeleton), self.probe, col, where)
+        if b"/Encrypt" in skeleton:
+            col.add(RULE_EMBEDDED_DATA, REVIEW, where, "an encrypted PDF (its streams cannot "
+                    "be read)")
+        budget = containers.Budget(cfg.max_unpacked_bytes)
+        for s in streams:
+            loc = f"{where} stream {s.number}"
+            raw = data[s.start:s.end]
+            try:
+                decoded = containers.decode_stream(raw, s.filters, budget)
+            except containers.DecodeError as err:
+                col.add(RULE_EMBEDDED_DATA, REVIEW, loc,
+                        f"a stream the screen cannot decode ({err})")
+                continue
+            except OverflowError:
+                col.add(RULE_EMBEDDED_DATA, BLOCK, where, f"streams that decode to more than "
+                        f"{cfg.max_unpacked_bytes} bytes (a decompression bomb?)")
+                break
+            if s.is_attachment:
+                col.add(RULE_EMBEDDED_DATA, REVIEW, loc, "a file attached to the PDF")
+            kind = embedded.sniff(decoded)
+            if kind is not None:
+                self.inner(decoded, loc, depth, kind)
+                continue
+            if s.is_image:
+                continue  # pixels
+            scan_text(containers.readable_text(decoded), self.probe, col, loc)
+            shown = containers.content_text(decoded)
+            if shown:
+                scan_text(shown, self.probe, col, f"{loc} text")
+            self.files_in(decoded, loc, depth)
+        for start in containers.embedded_starts(skeleton):
+            if start and embedded.sniff(skeleton[start:]) is not None:
+                col.add(RULE_EMBEDDED_DATA, BLOCK, where, "a file between the PDF's objects")
+                self.hidden(skeleton[start:], f"{where} between objects", depth)
+        after = containers.pdf_after_end(data)
+        if after:
+            col.add(RULE_EMBEDDED_DATA, BLOCK, where,
+                    f"{len(after)} bytes after the end of the PDF (%%EOF)")
+            self.hidden(after, f"{where} after the end", depth)
 
     def archive(self, kind: str, data: bytes, where: str, depth: int) -> None:
         col, cfg = self.col, self.col.config

@@ -93,6 +93,11 @@ class ScreenConfig:
     max_compression_ratio: float = 200.0
     # embedded data in base64 strings of notebooks (shorter strings are not decoded)
     min_base64_chars: int = 64
+    # image metadata: compressed PNG text (zTXt/iTXt) is decompressed up to this size
+    max_metadata_bytes: int = 1 * MB
+    # PNG tEXt chunks with these keywords and a short printable value are harmless
+    # (matplotlib writes "Software"); any other text, EXIF or comment is a finding
+    harmless_png_text_keys: tuple[str, ...] = ("Software", "Creation Time", "Title")
     # the file types that may leave (by content); anything else is a finding
     allowed_types: tuple[str, ...] = ("csv", "png", "jpeg", "svg", "html", "txt", "json",
                                       "ipynb", "md", "pdf")

@@ -9,13 +9,14 @@ import json
 import re
 
 from . import embedded
-from .model import BLOCK, RULE_MALFORMED, Collector
+from .model import BLOCK, REVIEW, RULE_EMBEDDED_DATA, RULE_MALFORMED, Collector
 from .tables import check_table, html_tables, text_tables
 from .text import scan_text
 
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
 _B64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
-_DATA_URI_RE = re.compile(r"data:[\w/+.-]+;base64,([A-Za-z0-9+/=\s]{16,})")
+_DATA_URI_RE = re.compile(r"data:[\w/+.-]*(?:;[\w.+-]+=[^;,\s\"'<>]*)*;base64,"
+                          r"([A-Za-z0-9+/=\s]{16,})")
 _B64_SEGMENT_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 #: How each image format ends: a payload with more in it than one image is read as text too.
 _IMAGE_ENDS = {embedded.PNG: b"IEND\xaeB`\x82", embedded.JPEG: b"\xff\xd9", embedded.GIF: b";"}
@@ -136,19 +137,31 @@ class NotebookScreen:
             for t, table in enumerate(found, 1):
                 check_table(table, self.col, f"{where} table {t}")
         for _start, _end, data, loc in uris:
-            self.screen_nested(data, loc, "", only_known=True)
+            if not self.screen_nested(data, loc, "", only_known=True):
+                self.unknown_payload(data, loc)
+
+    def unknown_payload(self, data: bytes, where: str) -> None:
+        """A data URI of no known kind of file: its text under the text rules; binary the
+        screen cannot read is a finding."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.col.add(RULE_EMBEDDED_DATA, REVIEW, where,
+                         "a data: URI of binary content the screen cannot read")
+            return
+        scan_text(text, self.probe, self.col, where)
 
     @staticmethod
     def _data_uris(text: str, where: str) -> list:
-        """(start, end, bytes, location) of each data URI payload of a known kind of file;
+        """(start, end, bytes, location) of each data URI payload (base64 that decodes);
         ``start == end`` unless the payload is exactly one whole image (its base64 and
         nothing after it but white space): only that span is kept from the text rules."""
         out = []
         for n, m in enumerate(_DATA_URI_RE.finditer(text), 1):
             data = _b64(m.group(1))
-            kind = embedded.sniff(data) if data else None
-            if kind is None:
+            if not data:
                 continue
+            kind = embedded.sniff(data)
             start = end = m.start(1)
             payload = _B64_SEGMENT_RE.match(text, start)
             if kind in _IMAGE_ENDS and data.endswith(_IMAGE_ENDS[kind]) and \
