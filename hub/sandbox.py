@@ -13,11 +13,13 @@ Inside a sandbox::
     /run/medzone/manifests/<id>.json
                       MEDZONE_HOME/datasets/<id>/manifest.json, read-only, one per live grant
                       (env MEDZONE_MANIFESTS; never the dataset's screening index)
-    /tmp              a private tmpfs
+    /tmp, /dev/shm    private tmpfs of a set size (/dev itself read-only)
     /usr /bin /lib*   the host's, read-only (/etc: a small read-only subset)
     /proc /dev        a new procfs (own pid namespace) and a minimal /dev
     <sys.prefix>      the Python environment, read-only, at the same path
-    (nothing else of MEDZONE_HOME, no network but ``lo``, no capabilities)
+    (nothing else of MEDZONE_HOME, no network but ``lo``, no capabilities, a seccomp
+    filter, a cgroup with memory/pids limits, RLIMIT_NPROC; supplementary groups: the
+    live grants' dataset groups only)
 
 Running as root, the sandbox process is host uid ``uid_base + user.id`` (no passwd entry
 needed): ``setpriv`` drops to it before bubblewrap starts, so bubblewrap's own user
@@ -29,7 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -46,12 +51,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .config import MedZoneHome
+from .config import DATASET_GID_BASE, DATASET_GID_SPAN, MedZoneHome
 from .processes import pid_alive
 from .errors import Conflict, InvalidInput, MedZoneError, RuleViolation
 
 BWRAP = "bwrap"
 SETPRIV = "setpriv"
+PRLIMIT = "prlimit"
 
 #: Top-level system folders bound read-only (or re-created as the host's symlink).
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -100,17 +106,44 @@ class SandboxConfig:
     ``extra_ro_binds``: ``(host path, path inside)`` pairs every sandbox also gets,
     read-only. ``python_prefix``: the environment kernels run from (default: the running
     interpreter's ``sys.prefix``).
+
+    Limits, all on by default (``None`` turns one off; see ``docs/sandbox.md``):
+    ``memory_limit_bytes`` (default :func:`default_memory_limit`: half the machine's memory,
+    at most 8 GiB) and ``pids_limit`` (processes and threads of one sandbox, default 2048)
+    through a cgroup — v2 where it offers the controllers, else the v1 hierarchies;
+    ``nproc_limit``: ``RLIMIT_NPROC`` of the sandbox uid (a per-user cap over all of its
+    sandboxes, default 4096; applied when running as root); ``tmp_size_bytes`` /
+    ``shm_size_bytes``: the sizes of the ``/tmp`` and ``/dev/shm`` tmpfs (default 2 GiB and
+    512 MiB; ``/dev`` itself is read-only); ``seccomp``: install the system-call filter of
+    :mod:`medzone_hub.seccomp` (a sandbox does not start on a machine it has no table for).
+    ``dataset_gid_base``: dataset groups (see :func:`dataset_gids`) are given to a sandbox
+    only from this range.
     """
 
     uid_base: int = 200000
     gpu_enabled: bool = True
     allow_gpu_role: str | None = "gpu"
     gpu_sessions_per_gpu: int = 1
-    memory_limit_bytes: int | None = None
+    memory_limit_bytes: int | None = field(default_factory=lambda: default_memory_limit())
     cpu_limit: float | None = None
     cgroup_parent: str | None = None
     extra_ro_binds: list[tuple[str, str]] = field(default_factory=list)
     python_prefix: str | None = None
+    pids_limit: int | None = 2048
+    nproc_limit: int | None = 4096
+    tmp_size_bytes: int | None = 2 << 30
+    shm_size_bytes: int | None = 512 << 20
+    seccomp: bool = True
+    dataset_gid_base: int = DATASET_GID_BASE
+
+
+def default_memory_limit() -> int:
+    """Half of this machine's memory, at most 8 GiB: one sandbox cannot take the host's."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+    return min(8 << 30, max(256 << 20, total // 2))
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,13 @@ class SandboxPolicy:
     notes: list[str] = field(default_factory=list)  # things the spawner should log
     # dataset id -> host manifest.json bound at MANIFESTS_INSIDE/<id>.json (granted ones only)
     manifests: dict[str, Path] = field(default_factory=dict)
+    pids_limit: int | None = None
+    nproc_limit: int | None = None  # RLIMIT_NPROC, set before dropping to uid
+    tmp_size_bytes: int | None = None
+    shm_size_bytes: int | None = None
+    seccomp_program: Path | None = None  # compiled filter (bwrap --seccomp), see seccomp_file
+    groups: list[int] = field(default_factory=list)  # supplementary gids: live grants' datasets
+    limit_notes: list[str] = field(default_factory=list)  # limits that cannot apply here
 
     @property
     def host_uid(self) -> int:
@@ -256,7 +296,18 @@ def build_policy(
         cgroup_parent=config.cgroup_parent,
         notes=notes,
         manifests=manifests,
+        pids_limit=config.pids_limit,
+        nproc_limit=config.nproc_limit,
+        tmp_size_bytes=config.tmp_size_bytes,
+        shm_size_bytes=config.shm_size_bytes,
+        groups=dataset_gids(home, datasets, config.dataset_gid_base) if privileged else [],
     )
+    if config.nproc_limit is not None and not privileged:
+        policy.limit_notes.append(
+            "not running as root, sandboxes share the hub's uid: RLIMIT_NPROC "
+            f"({config.nproc_limit}) is not applied (it would count the hub's own processes)")
+    if config.seccomp:
+        policy.seccomp_program = seccomp_file(home)
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
             policy.symlinks.append((os.readlink(path), path))
@@ -284,6 +335,53 @@ def build_policy(
             policy.env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_id
             policy.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     return policy
+
+
+def dataset_gids(home: MedZoneHome, datasets: Iterable[str],
+                 gid_base: int = DATASET_GID_BASE) -> list[int]:
+    """The host groups of *datasets* (their folders' group, when it lies in the dataset
+    range): what a sandbox with those grants gets as supplementary groups."""
+    gids = set()
+    for dataset_id in datasets:
+        with contextlib.suppress(OSError):
+            gid = os.stat(home.dataset_dir(dataset_id)).st_gid
+            if gid_base <= gid < gid_base + DATASET_GID_SPAN:
+                gids.add(gid)
+    return sorted(gids)
+
+
+def seccomp_file(home: MedZoneHome) -> Path:
+    """The compiled seccomp filter for this machine, kept in ``MEDZONE_HOME/sandbox/``
+    (written once per program; the command line's first step opens it for bubblewrap).
+    :class:`SandboxError` on an architecture the filter has no table for."""
+    from . import seccomp
+
+    try:
+        program = _compiled_filter()
+        arch = seccomp.native_arch()
+    except seccomp.UnsupportedArchitecture as err:
+        raise SandboxError(f"{err}: refusing to start a sandbox without a seccomp filter "
+                           "(seccomp=False turns the filter off)") from None
+    digest = hashlib.sha256(program).hexdigest()[:16]
+    folder = sandbox_state_dir(home)
+    path = folder / f"seccomp-{arch}-{digest}.bpf"
+    try:
+        if path.read_bytes() == program:
+            return path
+    except OSError:
+        pass
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}"
+    tmp.write_bytes(program)
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_filter() -> bytes:
+    from . import seccomp
+
+    return seccomp.compile_filter()
 
 
 def gpu_allowed(account, config: SandboxConfig) -> bool:
@@ -357,20 +455,42 @@ def bwrap_argv(
     *extra_ro_binds* (e.g. the hub's socket folder) are bound read-only at the given
     paths. *extra_env* is set inside (note: like the rest of this argv it is visible in
     the host's process list). With *info_fd*, bubblewrap writes ``{"child-pid": N}`` there
-    (see :func:`read_info_fd`). With *cgroup* (a folder made by :func:`create_cgroup`),
-    the whole sandbox starts inside that cgroup.
+    (see :func:`read_info_fd`). With *cgroup* (made by :func:`sandbox_cgroup`), the whole
+    sandbox starts inside that cgroup (each of its v1 hierarchies' folders).
+
+    Before bubblewrap, still with the caller's privileges, a small shell step joins the
+    cgroup and opens the seccomp program on a descriptor for ``--seccomp``; ``prlimit``
+    sets ``RLIMIT_NPROC``; ``setpriv`` drops to the sandbox uid with the live grants'
+    dataset groups as its only supplementary groups.
     """
     if not command:
         raise InvalidInput("no command to run in the sandbox")
     extra_ro_binds = [tuple(b) for b in extra_ro_binds]
     check_binds(policy, extra_ro_binds)
     argv: list[str] = []
-    if cgroup is not None:
+    steps: list[str] = []
+    params: list[str] = []
+    for folder in cgroup_members(cgroup) if cgroup is not None else []:
         # Join the cgroup first (still root), then drop privileges: nothing escapes it.
-        argv += ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', os.fspath(cgroup)]
+        params.append(os.fspath(folder))
+        steps.append(f'echo $$ > "${len(params)}/cgroup.procs"')
+    seccomp_fd = None
+    if policy.seccomp_program is not None:
+        # bubblewrap reads the program from this descriptor and closes it.
+        seccomp_fd = 8 if info_fd == 9 else 9
+        params.append(os.fspath(policy.seccomp_program))
+        steps.append(f'exec {seccomp_fd}< "${len(params)}"')
+    if steps:
+        steps += [f"shift {len(params)}", 'exec "$@"']
+        argv += ["/bin/sh", "-c", " && ".join(steps), "medzone-sandbox", *params]
+    if policy.drop_to_uid and policy.nproc_limit is not None:
+        # Per real uid: a cap over all of this user's sandboxes (root is not bound by it).
+        argv += [_tool(PRLIMIT), f"--nproc={policy.nproc_limit}:{policy.nproc_limit}", "--"]
     if policy.drop_to_uid:
+        groups = (f"--groups={','.join(map(str, policy.groups))}" if policy.groups
+                  else "--clear-groups")
         argv += [_tool(SETPRIV), f"--reuid={policy.uid}", f"--regid={policy.gid}",
-                 "--clear-groups", "--"]
+                 groups, "--"]
     argv += [
         _tool(BWRAP),
         "--unshare-user", "--uid", str(policy.uid), "--gid", str(policy.gid),
@@ -389,7 +509,10 @@ def bwrap_argv(
         argv += ["--ro-bind", source, dest]
     for target, dest in policy.symlinks:
         argv += ["--symlink", target, dest]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp"]
+    # Sized tmpfs: without --size each would be allowed half of the machine's memory.
+    argv += ["--proc", "/proc", "--dev", "/dev", *_size(policy.shm_size_bytes),
+             "--tmpfs", "/dev/shm", *_size(policy.tmp_size_bytes), "--tmpfs", "/tmp",
+             "--dir", "/var/tmp"]
     # /data: its own tmpfs holding one read-only bind per grant, then made read-only itself.
     argv += ["--tmpfs", "/data"]
     for dataset_id, source in sorted(policy.datasets.items()):
@@ -407,6 +530,11 @@ def bwrap_argv(
         argv += ["--ro-bind", str(source), str(dest)]
     for node in policy.gpu_devices:
         argv += ["--dev-bind", node, node]
+    # bubblewrap's /dev is an unsized tmpfs the sandbox uid owns: nothing may be written
+    # there (/dev/shm and /dev/pts are mounts of their own and stay writable).
+    argv += ["--remount-ro", "/dev"]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     # The sandbox's root is a tmpfs bubblewrap made; nothing may be added to it later.
     argv += ["--remount-ro", "/"]
     argv += ["--chdir", policy.home_inside]
@@ -414,6 +542,10 @@ def bwrap_argv(
         argv += ["--info-fd", str(info_fd)]
     argv += ["--", *command]
     return argv
+
+
+def _size(size: int | None) -> list[str]:
+    return [] if size is None else ["--size", str(int(size))]
 
 
 def _tool(name: str) -> str:
@@ -470,17 +602,18 @@ def check_reachable(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, s
                 st = os.stat(folder)
             except FileNotFoundError:
                 raise SandboxError(f"cannot bind {source} into a sandbox: it does not exist")
-            if stat.S_ISDIR(st.st_mode) and not _may(st, policy.uid, policy.gid, 1):
+            if stat.S_ISDIR(st.st_mode) and not _may(st, policy.uid, policy.gid, 1,
+                                                     policy.groups):
                 raise SandboxError(
                     f"the sandbox uid {policy.uid} cannot reach {source}: {folder} is mode "
                     f"{stat.S_IMODE(st.st_mode):04o}; make it traversable (o+x) or move it"
                 )
 
 
-def _may(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
+def _may(st: os.stat_result, uid: int, gid: int, bit: int, groups: Iterable[int] = ()) -> bool:
     if st.st_uid == uid:
         return bool(st.st_mode & (bit << 6))
-    if st.st_gid == gid:
+    if st.st_gid == gid or st.st_gid in groups:
         return bool(st.st_mode & (bit << 3))
     return bool(st.st_mode & bit)
 
@@ -596,7 +729,7 @@ def _count(entries: Mapping[str, dict]) -> dict[int, int]:
     return counts
 
 
-# --- cgroup v2 limits ------------------------------------------------------------------
+# --- cgroup limits (v2, or the v1 hierarchies) -------------------------------------------
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or ``…/unified`` on
@@ -611,18 +744,83 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
 
 _cgroup2_mount = cgroup2_mount  # kept for callers of the earlier private name
 
+#: The cgroup v1 controllers a sandbox uses when cgroup v2 does not offer them.
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+def cgroup1_parents(mountinfo: str = "/proc/self/mountinfo",
+                    own: str = "/proc/self/cgroup") -> dict[str, Path]:
+    """For each cgroup v1 controller of :data:`V1_CONTROLLERS` mounted (read-write) here:
+    the folder sandbox cgroups go in, ``<mount>/<this process's cgroup>/medzone`` — under
+    the hub's own cgroup, so limits set on the hub's service still cover its sandboxes."""
+    mounts: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(mountinfo).read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields = right.split(" ")
+            if fields[0] != "cgroup" or len(fields) < 3:
+                continue
+            options = set(fields[2].split(","))
+            mount_point, mount_options = left.split(" ")[4], left.split(" ")[5].split(",")
+            for name in V1_CONTROLLERS:
+                if name in options and "rw" in mount_options:
+                    # "cpu,cpuacct" mounts together on many machines: the first one wins.
+                    mounts.setdefault(name, mount_point)
+    paths: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(own).read_text().splitlines():
+            _, names, path = line.split(":", 2)
+            for name in names.split(","):
+                paths[name] = path
+    return {name: Path(mount, paths.get(name, "/").lstrip("/"), "medzone")
+            for name, mount in mounts.items()}
+
+
+def _v1_member_parent(path: Path) -> tuple[dict[str, Path], str] | None:
+    """``(v1 parents, cgroup name)`` when *path* is a sandbox cgroup in a v1 hierarchy."""
+    parents = cgroup1_parents()
+    if any(path.parent == parent for parent in parents.values()):
+        return parents, path.name
+    return None
+
+
+def cgroup_members(path: str | os.PathLike) -> list[Path]:
+    """The folders a process joins to be in sandbox cgroup *path*: the folder itself (v2),
+    or the folder of the same name in each v1 hierarchy (memory, pids, cpu)."""
+    path = Path(path)
+    found = _v1_member_parent(path)
+    if found is None:
+        return [path]
+    parents, name = found
+    return [parent / name for parent in parents.values() if (parent / name).is_dir()] or [path]
+
+
+def _needed(config) -> dict[str, bool]:
+    """Which controllers the limits need (memory and cpu always: a sandbox in its own cpu
+    cgroup gets a fair share against the hub and other sandboxes even without a quota)."""
+    return {"memory": True, "cpu": True, "pids": getattr(config, "pids_limit", None) is not None}
+
 
 def cgroup_limits_unavailable_reason(
     config: SandboxConfig | None = None, *, mount: str | None = None
 ) -> str | None:
-    """``None`` if memory/CPU limits can be applied here; otherwise why not, in one line
-    (the spawner logs it; sandboxes then run without limits — nothing pretends otherwise).
+    """``None`` if memory/CPU (and pids) limits can be applied here; otherwise why not, in
+    one line (the spawner logs it; sandboxes then run without those limits — nothing
+    pretends otherwise).
 
     Checks that a cgroup v2 hierarchy offers the ``memory`` and ``cpu`` controllers, and
-    that a sandbox cgroup can be created under the parent and its limits written.
+    that a sandbox cgroup can be created under the parent and its limits written. Without
+    *mount*, where v2 cannot, the cgroup v1 hierarchies are tried (``memory`` needed; ``cpu``
+    and ``pids`` where mounted; see :func:`cgroup1_parents`).
     """
     config = config or SandboxConfig()
-    mount = mount or cgroup2_mount()
+    reason = _cgroup2_unavailable_reason(config, mount or cgroup2_mount())
+    if reason is None or mount is not None:
+        return reason
+    return reason if _cgroup1_unavailable_reason(config) else None
+
+
+def _cgroup2_unavailable_reason(config, mount: str | None) -> str | None:
     if mount is None:
         return "no cgroup v2 hierarchy is mounted: memory and CPU limits are not applied"
     parent = Path(config.cgroup_parent or Path(mount, "medzone"))
@@ -638,18 +836,38 @@ def cgroup_limits_unavailable_reason(
                 "not delegated): memory and CPU limits are not applied")
     try:
         probe = create_cgroup(parent, f"probe-{secrets.token_hex(4)}",
-                              memory_limit_bytes=1 << 30, cpu_limit=1.0, mount=mount)
+                              memory_limit_bytes=1 << 30, cpu_limit=1.0, mount=mount,
+                              pids_limit=1024 if "pids" in offered else None)
     except SandboxError as err:
         return str(err)
     remove_cgroup(probe)
     return None
 
 
+def _cgroup1_unavailable_reason(config) -> str | None:
+    parents = cgroup1_parents()
+    if "memory" not in parents:
+        return "no cgroup v1 memory hierarchy is mounted read-write"
+    name = f"probe-{secrets.token_hex(4)}"
+    try:
+        created = _create_cgroup1(parents, name, memory_limit_bytes=1 << 30, cpu_limit=1.0,
+                                  pids_limit=1024 if config.pids_limit is not None else None)
+    except SandboxError as err:
+        return str(err)
+    for folder in created:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    return None
+
+
 def create_cgroup(parent: str | os.PathLike, name: str, *, memory_limit_bytes: int | None,
-                  cpu_limit: float | None, mount: str | None = None) -> Path:
-    """Make cgroup *parent*/*name* with the limits written; :class:`SandboxError` if not allowed."""
+                  cpu_limit: float | None, mount: str | None = None,
+                  pids_limit: int | None = None) -> Path:
+    """Make cgroup v2 *parent*/*name* with the limits written; :class:`SandboxError` if not
+    allowed. The ``pids`` controller is enabled only with *pids_limit*."""
     parent = Path(parent)
     step = "create"
+    wanted = ["memory", "cpu"] + (["pids"] if pids_limit is not None else [])
     try:
         if not parent.is_dir():
             parent.mkdir()
@@ -657,11 +875,11 @@ def create_cgroup(parent: str | os.PathLike, name: str, *, memory_limit_bytes: i
         mount = Path(mount or cgroup2_mount() or parent.parent)
         chain = [p for p in [*reversed(parent.parents), parent] if _under(str(p), str(mount))]
         for level in chain:
-            step = f"enable the memory and cpu controllers in {level}"
+            step = f"enable the {' and '.join(wanted)} controllers in {level}"
             control = level / "cgroup.subtree_control"
             enabled = control.read_text().split() if control.exists() else []
-            if not {"memory", "cpu"} <= set(enabled):
-                control.write_text("+memory +cpu")
+            if not set(wanted) <= set(enabled):
+                control.write_text(" ".join(f"+{c}" for c in wanted))
         path = parent / name
         step = f"create {path}"
         path.mkdir(exist_ok=True)
@@ -674,6 +892,9 @@ def create_cgroup(parent: str | os.PathLike, name: str, *, memory_limit_bytes: i
             step = f"write {path}/cpu.max"
             period = 100_000
             (path / "cpu.max").write_text(f"{max(1000, int(cpu_limit * period))} {period}")
+        if pids_limit is not None:
+            step = f"write {path}/pids.max"
+            (path / "pids.max").write_text(str(int(pids_limit)))
         return path
     except OSError as err:
         raise SandboxError(
@@ -681,33 +902,114 @@ def create_cgroup(parent: str | os.PathLike, name: str, *, memory_limit_bytes: i
         ) from None
 
 
+def _create_cgroup1(parents: Mapping[str, Path], name: str, *,
+                    memory_limit_bytes: int | None, cpu_limit: float | None,
+                    pids_limit: int | None) -> list[Path]:
+    """Make *name* under each v1 parent with its limits; the folders made (memory first)."""
+    created: list[Path] = []
+    step = "create"
+    try:
+        for controller in ("memory", "pids", "cpu"):
+            parent = parents.get(controller)
+            if parent is None or (controller == "pids" and pids_limit is None):
+                continue
+            step = f"create {parent / name}"
+            parent.mkdir(parents=True, exist_ok=True)
+            path = parent / name
+            path.mkdir(exist_ok=True)
+            created.append(path)
+            if controller == "memory" and memory_limit_bytes is not None:
+                step = f"write {path}/memory.limit_in_bytes"
+                (path / "memory.limit_in_bytes").write_text(str(int(memory_limit_bytes)))
+                with contextlib.suppress(OSError):  # no swap beyond the limit, where offered
+                    (path / "memory.memsw.limit_in_bytes").write_text(str(int(memory_limit_bytes)))
+            elif controller == "pids":
+                step = f"write {path}/pids.max"
+                (path / "pids.max").write_text(str(int(pids_limit)))
+            elif controller == "cpu" and cpu_limit is not None:
+                step = f"write {path}/cpu.cfs_quota_us"
+                (path / "cpu.cfs_period_us").write_text("100000")
+                (path / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpu_limit * 100_000))))
+    except OSError as err:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise SandboxError(
+            f"cannot {step} ({err.strerror or err}): memory and CPU limits are not applied"
+        ) from None
+    return created
+
+
 def remove_cgroup(path: str | os.PathLike | None) -> None:
-    """Remove a sandbox cgroup once its processes are gone (quietly if it is not there)."""
+    """Remove a sandbox cgroup (each of its v1 folders) once its processes are gone
+    (quietly if it is not there)."""
     if path is None:
         return
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
+    # The processes of a sandbox that just ended may take a moment to leave: retry a little.
+    deadline = time.monotonic() + 0.5
+    for folder in cgroup_members(path):
+        while True:
+            try:
+                os.rmdir(folder)
+            except OSError as err:
+                if err.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+            break
 
 
 def sandbox_cgroup(policy: SandboxPolicy) -> tuple[Path | None, str | None]:
     """A fresh cgroup with *policy*'s limits: ``(path, None)``; ``(None, None)`` when the
     policy sets no limits; ``(None, reason)`` when they cannot be applied here (log it).
-    Pass the path to :func:`bwrap_argv` (``cgroup=``) and later to :func:`release_resources`."""
-    if policy.memory_limit_bytes is None and policy.cpu_limit is None:
-        return None, None
-    config = SandboxConfig(cgroup_parent=policy.cgroup_parent)
-    reason = cgroup_limits_unavailable_reason(config)
-    if reason is not None:
-        return None, reason
+    A limit that cannot apply for another reason (e.g. ``RLIMIT_NPROC`` without root) is
+    named in the reason too, next to a path. Pass the path to :func:`bwrap_argv`
+    (``cgroup=``) and later to :func:`release_resources`.
+
+    cgroup v2 is used when it offers the memory and cpu controllers; else, on a machine
+    with the v1 hierarchies, one folder per controller (memory, pids, cpu), which
+    :func:`cgroup_members` finds again from the memory one."""
+    notes = list(policy.limit_notes)
+    if (policy.memory_limit_bytes is None and policy.cpu_limit is None
+            and policy.pids_limit is None):
+        return None, "; ".join(notes) or None
+    name = f"{policy.user}-{secrets.token_hex(4)}"
+    config = SandboxConfig(cgroup_parent=policy.cgroup_parent, pids_limit=policy.pids_limit)
     mount = cgroup2_mount()
-    parent = policy.cgroup_parent or os.path.join(mount, "medzone")
-    try:
-        path = create_cgroup(parent, f"{policy.user}-{secrets.token_hex(4)}",
-                             memory_limit_bytes=policy.memory_limit_bytes,
-                             cpu_limit=policy.cpu_limit, mount=mount)
-    except SandboxError as err:
-        return None, str(err)
-    return path, None
+    reason = _cgroup2_unavailable_reason(config, mount)
+    path = None
+    if reason is None:
+        try:
+            offered = Path(mount, "cgroup.controllers").read_text().split()
+            pids = policy.pids_limit if "pids" in offered else None
+            if policy.pids_limit is not None and pids is None:
+                notes.append(f"the cgroup v2 hierarchy at {mount} does not offer pids: "
+                             "the pids limit is not applied")
+            path = create_cgroup(policy.cgroup_parent or os.path.join(mount, "medzone"), name,
+                                 memory_limit_bytes=policy.memory_limit_bytes,
+                                 cpu_limit=policy.cpu_limit, mount=mount, pids_limit=pids)
+        except (OSError, SandboxError) as err:
+            reason = str(err)
+    else:
+        parents = cgroup1_parents()
+        if "memory" in parents:
+            try:
+                path = _create_cgroup1(parents, name,
+                                       memory_limit_bytes=policy.memory_limit_bytes,
+                                       cpu_limit=policy.cpu_limit,
+                                       pids_limit=policy.pids_limit)[0]
+                reason = None
+                if policy.pids_limit is not None and "pids" not in parents:
+                    notes.append("no cgroup v1 pids hierarchy is mounted: "
+                                 "the pids limit is not applied")
+                if policy.cpu_limit is not None and "cpu" not in parents:
+                    notes.append("no cgroup v1 cpu hierarchy is mounted: "
+                                 "the CPU limit is not applied")
+            except SandboxError as err:
+                reason = f"{reason}; in cgroup v1: {err}"
+    if reason is not None:
+        notes.insert(0, reason if "not applied" in reason
+                     else f"{reason}: memory, CPU and pids limits are not applied")
+    return path, "; ".join(notes) or None
 
 
 def release_resources(policy: SandboxPolicy, cgroup: str | os.PathLike | None = None) -> None:

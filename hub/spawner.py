@@ -227,6 +227,45 @@ class SafeZoneSpawner(Spawner):
         0.05, config=True,
         help="Seconds between checks of the server's socket while start() waits for it.",
     )
+    pids_limit = Integer(
+        2048, allow_none=True, config=True,
+        help="Processes and threads one server may have (its cgroup's pids.max, cgroup v2 "
+             "or v1). None: no limit.",
+    )
+    nproc_limit = Integer(
+        4096, allow_none=True, config=True,
+        help="RLIMIT_NPROC of the sandbox uid (ulimit -u inside): processes one user may "
+             "have over all of their sandboxes. Applied when the hub runs as root. None: "
+             "no limit.",
+    )
+    tmp_size_bytes = Integer(
+        2 << 30, allow_none=True, config=True,
+        help="Size of the sandbox's private /tmp tmpfs (counted in mem_limit). None: "
+             "the kernel's default, half of the machine's memory.",
+    )
+    shm_size_bytes = Integer(
+        512 << 20, allow_none=True, config=True,
+        help="Size of the sandbox's /dev/shm tmpfs (PyTorch data loaders share batches "
+             "there; counted in mem_limit). None: half of the machine's memory.",
+    )
+    seccomp = Bool(
+        True, config=True,
+        help="Install MedZone's seccomp filter in every sandbox (mount, ptrace, keyctl, bpf, "
+             "perf_event_open, userfaultfd, kexec, module loading, namespaces… fail with "
+             "EPERM). On a machine it has no table for (not x86_64/aarch64), servers do not "
+             "start unless this is off.",
+    )
+    dataset_gid_base = Integer(
+        sandbox.DATASET_GID_BASE, config=True,
+        help="Dataset folders' host groups lie from here on (given once per dataset at "
+             "publish); a server gets the groups of its live grants only, and only from "
+             "this range.",
+    )
+
+    @default("mem_limit")
+    def _mem_limit_default(self):
+        # On by default: half of the machine's memory, at most 8 GiB (0 turns it off).
+        return sandbox.default_memory_limit()
 
     @default("poll_interval")
     def _poll_interval_default(self):
@@ -320,6 +359,12 @@ class SafeZoneSpawner(Spawner):
             cgroup_parent=self.cgroup_parent or None,
             extra_ro_binds=[tuple(b) for b in self.extra_ro_binds],
             python_prefix=self.python_prefix or None,
+            pids_limit=self.pids_limit,
+            nproc_limit=self.nproc_limit,
+            tmp_size_bytes=self.tmp_size_bytes,
+            shm_size_bytes=self.shm_size_bytes,
+            seccomp=self.seccomp,
+            dataset_gid_base=self.dataset_gid_base,
         )
 
     def _audit(self, action: str, detail: dict) -> None:
