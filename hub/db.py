@@ -14,8 +14,10 @@ its audit row, and leave the commit to the caller::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
@@ -84,6 +86,8 @@ def make_engine(db_url: str | URL) -> Engine:
     """An engine for *db_url*, set up the way the store relies on (no migration)."""
     url = _normalise_url(db_url)
     if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            secure_sqlite_file(url.database)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         _serialise_sqlite_writers(engine)
     else:
@@ -93,6 +97,28 @@ def make_engine(db_url: str | URL) -> Engine:
             url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"}
         )
     return engine
+
+
+def secure_sqlite_file(path: str | os.PathLike) -> None:
+    """Make the SQLite store readable by its owner only (0600): created so when missing
+    (SQLite gives its -journal/-wal/-shm files the database file's mode), repaired when an
+    older one is group- or world-readable."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return  # SQLite will report the missing folder itself
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return
+    for f in (path, *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm"))):
+        try:
+            st = f.stat()
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(f, 0o600)
+        except OSError:
+            pass
 
 
 def alembic_config(engine: Engine | None = None) -> Config:

@@ -156,10 +156,30 @@ def prepare_state(home: MedZoneHome) -> HubPaths:
     if not paths.cookie_secret.exists():
         # JupyterHub reads the file as hex.
         _write_secret(paths.cookie_secret, secrets.token_hex(32))
-    for f in (paths.proxy_token, paths.cookie_secret, paths.db_path):
+    if not paths.db_path.exists():
+        # Created 0600 here so that SQLite gives JupyterHub's -journal/-wal files 0600 too.
+        os.close(os.open(paths.db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for f in (paths.proxy_token, paths.cookie_secret, paths.db_path,
+              *(paths.db_path.with_name(paths.db_path.name + s) for s in ("-journal", "-wal", "-shm"))):
         if f.exists():
             os.chmod(f, 0o600)
     return paths
+
+
+def secure_home(home: MedZoneHome) -> list[str]:
+    """At hub start: the store, secrets and hub state owner-only, and every stored dataset
+    sealed to its own group (:func:`medzone_hub.ingest.seal_datasets`: datasets published
+    before datasets had groups are repaired). The ids of the datasets repaired."""
+    from .db import secure_sqlite_file
+    from .ingest import seal_datasets
+
+    home.ensure()
+    if not os.environ.get("MEDZONE_DB_URL"):
+        secure_sqlite_file(home.sqlite_path)
+    for f in home.secrets_dir.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o600)
+    return seal_datasets(home)
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -323,6 +343,9 @@ def start_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PO
               stdout=None, stderr=None) -> subprocess.Popen:
     """Start the proxy (if needed) and the hub process; the hub's :class:`Popen`."""
     paths = prepare_state(home)
+    for dataset_id in secure_home(home):
+        print(f"medzone hub: dataset {dataset_id!r} sealed to its own host group",
+              file=sys.stderr, flush=True)
     ensure_proxy(home, ip=ip, port=port)
     env = hub_env(home, ip=ip, port=port)
     env[ENV_HUB_CONFIG] = str(Path(config_file or DEFAULT_CONFIG).resolve())

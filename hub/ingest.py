@@ -8,6 +8,7 @@ an interrupt leaves neither a row nor a folder behind.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import ahocorasick
 
-from .config import MedZoneHome
+from .config import DATASET_GID_BASE, DATASET_GID_SPAN, MedZoneHome
 from .errors import Conflict, IngestRefused, InvalidInput, MedZoneError
 from .deid.dicom import clear_caches as clear_deid_caches
 from .manifest import ManifestBuilder
@@ -198,10 +199,116 @@ def read_nifti(src: SourceFile):
 # --- the staged copy -------------------------------------------------------------------
 
 def _make_read_only(root: Path) -> None:
+    # Owner only while staged; seal_dataset gives the dataset's group access on publish.
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o444)
-        os.chmod(dirpath, 0o555)
+            os.chmod(os.path.join(dirpath, name), 0o400)
+        os.chmod(dirpath, 0o500)
+
+
+# --- host permissions of a stored dataset ----------------------------------------------
+
+#: Modes of a sealed dataset (owner root, group the dataset's own): the stored copy and its
+#: manifest are readable by the dataset's group only; the screening index by root only.
+DATA_DIR_MODE, DATA_FILE_MODE = 0o550, 0o440
+INDEX_DIR_MODE, INDEX_FILE_MODE = 0o500, 0o400
+GID_COUNTER = ".gid-counter"
+
+
+def dataset_gid(home: MedZoneHome, dataset_id: str) -> int | None:
+    """The host group of a sealed dataset (``DATASET_GID_BASE + n``); ``None`` if it has none."""
+    try:
+        gid = os.stat(home.dataset_dir(dataset_id)).st_gid
+    except OSError:
+        return None
+    return gid if DATASET_GID_BASE <= gid < DATASET_GID_BASE + DATASET_GID_SPAN else None
+
+
+def _allocate_gid(home: MedZoneHome) -> int:
+    """The next dataset group: one more than any given so far (never reused, so a sandbox
+    still holding a removed dataset's group cannot read a new one)."""
+    counter = home.datasets_dir / GID_COUNTER
+    fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            last = int(f.read().strip() or 0)
+        except ValueError:
+            last = 0
+        for entry in home.datasets_dir.iterdir():
+            if not entry.name.startswith("."):
+                gid = dataset_gid(home, entry.name)
+                if gid is not None:
+                    last = max(last, gid - DATASET_GID_BASE)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{last + 1}\n")
+        return DATASET_GID_BASE + last + 1
+
+
+def seal_dataset(home: MedZoneHome, dataset_id: str) -> int | None:
+    """Set a stored dataset's host permissions; its group id (``None`` without root).
+
+    As root: the tree is ``root:<the dataset's group>``, folders 0550 and files 0440, the
+    manifest 0440, ``index/`` root-only (0500/0400); a sandbox gets the group only while its
+    user holds a live grant (:func:`medzone_hub.sandbox.dataset_gids`). Not as root (every
+    sandbox is the hub's own uid): owner-only, folders 0500 and files 0400. Either way no
+    other local account reads any of it."""
+    root = home.dataset_dir(dataset_id)
+    if os.geteuid() == 0:
+        gid = dataset_gid(home, dataset_id) or _allocate_gid(home)
+        owner = (0, gid)
+        data_dir, data_file = DATA_DIR_MODE, DATA_FILE_MODE
+    else:
+        gid, owner = None, None
+        data_dir, data_file = 0o500, 0o400
+
+    def apply(path: str, mode: int, ids) -> None:
+        if ids is not None:
+            os.lchown(path, *ids)
+        os.chmod(path, mode)
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        index = Path(dirpath) == root / "index" or (root / "index") in Path(dirpath).parents
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            apply(path, INDEX_FILE_MODE if index else data_file,
+                  (0, 0) if index and owner else owner)
+        if Path(dirpath) != root:
+            apply(dirpath, INDEX_DIR_MODE if index else data_dir,
+                  (0, 0) if index and owner else owner)
+    apply(str(root), data_dir, owner)
+    return gid
+
+
+def dataset_sealed(home: MedZoneHome, dataset_id: str) -> bool:
+    """Whether a dataset's top folder has the sealed modes (the cheap check before
+    :func:`seal_datasets` walks a tree)."""
+    try:
+        st = os.stat(home.dataset_dir(dataset_id))
+    except OSError:
+        return True
+    if os.geteuid() == 0:
+        return (dataset_gid(home, dataset_id) is not None and st.st_uid == 0
+                and stat.S_IMODE(st.st_mode) == DATA_DIR_MODE)
+    return stat.S_IMODE(st.st_mode) & 0o077 == 0
+
+
+def seal_datasets(home: MedZoneHome) -> list[str]:
+    """Seal every stored dataset that is not yet (e.g. one published before datasets had
+    groups, when its files were world-readable); the ids repaired. The hub runs it at start."""
+    repaired = []
+    if not home.datasets_dir.is_dir():
+        return repaired
+    for entry in sorted(home.datasets_dir.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
+            continue
+        if not dataset_sealed(home, entry.name):
+            seal_dataset(home, entry.name)
+            repaired.append(entry.name)
+    return repaired
 
 
 def remove_tree(path: Path) -> None:
@@ -327,7 +434,7 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
             os.rename(stager.root, final)
             published = final
             (final / ".pid").unlink()
-            os.chmod(final, 0o555)
+            seal_dataset(home, dataset_id)
         published = None  # committed: nothing to undo
     except OSError as err:
         if err.errno == 28:
@@ -361,7 +468,8 @@ class _Staging:
         from .deid.profile import profile_description
         from .screen.index import ScreeningIndexBuilder
 
-        home.staging_dir.mkdir(parents=True, exist_ok=True)
+        home.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home.staging_dir, 0o700)
         self.root = home.staging_dir / f"{dataset_id}-{secrets.token_hex(4)}"
         self.root.mkdir()
         (self.root / ".pid").write_text(str(os.getpid()))
@@ -466,5 +574,5 @@ class _Staging:
         # other ingest takes it for stale) until it is in place.
         _make_read_only(self.data)
         _make_read_only(self.root / "index")
-        os.chmod(self.root / "manifest.json", 0o444)
+        os.chmod(self.root / "manifest.json", 0o400)
         return result
