@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_ingest, bench_screen, bench_spawn, bench_volume
+from . import bench_ingest, bench_login, bench_screen, bench_spawn, bench_volume
 
-BENCHMARKS = {"ingest": bench_ingest.run, "screen": bench_screen.run, "spawn": bench_spawn.run,
-              "volume": bench_volume.run}
+BENCHMARKS = {"ingest": bench_ingest.run, "login": bench_login.run, "screen": bench_screen.run,
+              "spawn": bench_spawn.run, "volume": bench_volume.run}
 
 
 def main(argv: list[str]) -> int:

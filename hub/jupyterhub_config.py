@@ -66,6 +66,16 @@ c.JupyterHub.authenticator_class = "medzone_hub.authenticator.MedZoneAuthenticat
 c.MedZoneAuthenticator.medzone_home = str(home.root)
 c.Authenticator.allow_all = True  # the approval check in the authenticator is the gate
 c.Authenticator.enable_auth_state = False
+# Failed logins lock the username (5) and the client address (20, all usernames together)
+# for 5 minutes after the last failure, even for the right password; and at most 10
+# attempts per username and 60 per address in any minute. A refused attempt checks no
+# password. Passwords are checked and hashed in a few threads off the hub's event loop
+# (MedZoneAuthenticator.password_hash_threads). 0 switches a limit off.
+c.MedZoneAuthenticator.allowed_failed_logins = 5
+c.MedZoneAuthenticator.allowed_failed_logins_per_address = 20
+c.MedZoneAuthenticator.seconds_before_next_try = 300
+c.MedZoneAuthenticator.login_attempts_per_minute = 10
+c.MedZoneAuthenticator.login_attempts_per_minute_per_address = 60
 
 # --- servers ---------------------------------------------------------------------------
 c.JupyterHub.spawner_class = "medzone_hub.spawner.SafeZoneSpawner"
