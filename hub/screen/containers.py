@@ -543,6 +543,54 @@ def pdf_streams(data: bytes) -> list[Stream]:
     return out
 
 
+def _number(pattern: bytes, dictionary: bytes) -> int | None:
+    m = re.search(pattern, dictionary)
+    return int(m.group(1)) if m else None
+
+
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(
+        ">I", zlib.crc32(ctype + body) & 0xFFFFFFFF)
+
+
+def pdf_image_png(stream: Stream, pixels: bytes) -> bytes | None:
+    """An image XObject's decoded pixels as a PNG, for the pixel checks: 8 bits per
+    component, DeviceGray, DeviceRGB or Indexed over DeviceRGB with the palette inline (what
+    matplotlib writes), with or without PNG predictors; None for anything else."""
+    d = stream.dictionary
+    width = _number(rb"/Width\s+(\d+)", d)
+    height = _number(rb"/Height\s+(\d+)", d)
+    if _number(rb"/BitsPerComponent\s+(\d+)", d) != 8 or not width or not height:
+        return None
+    palette = b""
+    if re.search(rb"/ColorSpace\s*/DeviceGray", d):
+        ctype, colors = 0, 1
+    elif re.search(rb"/ColorSpace\s*/DeviceRGB", d):
+        ctype, colors = 2, 3
+    else:
+        m = re.search(rb"/ColorSpace\s*\[\s*/Indexed\s*/DeviceRGB\s+(\d+)\s*", d)
+        token = _LITERAL.match(d, m.end()) if m else None
+        if token is None or token.group(1) is not None:
+            return None
+        palette = _literal(token.group())[:3 * (int(m.group(1)) + 1)]
+        if not palette or len(palette) % 3:
+            return None
+        ctype, colors = 3, 1
+    row = width * colors
+    if (_number(rb"/Predictor\s+(\d+)", d) or 1) >= 10:
+        if len(pixels) < height * (row + 1):
+            return None
+        filtered = pixels[:height * (row + 1)]
+    else:
+        if len(pixels) < height * row:
+            return None
+        filtered = b"".join(b"\0" + pixels[r * row:(r + 1) * row] for r in range(height))
+    return (b"\x89PNG\r\n\x1a\n"
+            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, ctype, 0, 0, 0))
+            + (_png_chunk(b"PLTE", palette) if palette else b"")
+            + _png_chunk(b"IDAT", zlib.compress(filtered, 1)) + _png_chunk(b"IEND", b""))
+
+
 def pdf_skeleton(data: bytes, streams: list[Stream]) -> bytes:
     """The PDF up to its last ``%%EOF`` without its streams' data: objects, dictionaries,
     xref, trailer."""
@@ -615,5 +663,6 @@ def content_text(stream: bytes) -> str:
 
 
 __all__ = ["Budget", "DecodeError", "Extra", "Layout", "Stream", "base64_runs", "content_text",
-           "decode_stream", "embedded_starts", "image_layout", "pdf_after_end", "pdf_skeleton",
+           "decode_stream", "embedded_starts", "image_layout", "pdf_after_end", "pdf_image_png",
+           "pdf_skeleton",
            "pdf_streams", "readable_text"]

@@ -359,8 +359,11 @@ class _Screen:
             if kind is not None:
                 self.inner(decoded, loc, depth, kind)
                 continue
-            if s.is_image:
-                continue  # pixels
+            if s.is_image:  # pixels: compared with the fingerprints where they can be read
+                png = containers.pdf_image_png(s, decoded)
+                if png is not None:
+                    self.images.add(png, f"{loc} image")
+                continue
             scan_text(containers.readable_text(decoded), self.probe, col, loc)
             shown = containers.content_text(decoded)
             if shown:

@@ -148,6 +148,20 @@ def _slice_png(ds) -> bytes:
     return buf.getvalue()
 
 
+def _pdf_imshow(values: np.ndarray, **kwargs) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.imshow(values, **kwargs)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _rules(verdict) -> set[tuple[str, str]]:
     return {(f.rule, f.severity) for f in verdict.findings}
 
@@ -203,6 +217,10 @@ def _variants(facts) -> list[tuple[str, str, bytes, str, tuple[str, str] | None]
          (EM, "block")),
         ("PDF from matplotlib with a patient id in its compressed page", "fig.pdf",
          _figure("pdf", f"case {pid}"), "block", ("dataset-identifier", "block")),
+        ("PDF from matplotlib drawing a dataset slice", "slice.pdf",
+         _pdf_imshow(facts["ct"].pixel_array * float(facts["ct"].RescaleSlope)
+                     + float(facts["ct"].RescaleIntercept), cmap="bone", vmin=-1000, vmax=400),
+         "block", ("dataset-image", "block")),
         ("PDF with a FlateDecode stream showing a patient id", "a.pdf",
          _pdf(zlib.compress(b"BT /F1 12 Tf 10 10 Td [(" + pid[:3].encode() + b") -12 ("
                             + pid[3:].encode() + b")] TJ ET"), b"/Filter /FlateDecode"),
@@ -245,6 +263,7 @@ def test_clean_figures_still_pass(tmp_path, indexes):
     for name, data in [("roc.png", _figure("png")), ("roc.jpg", _figure("jpg")),
                        ("fig.jpg", _pil("JPEG")), ("roc.pdf", _figure("pdf")),
                        ("roc.svg", _figure("svg")), ("fig.png", _pil("PNG")),
+                       ("heatmap.pdf", _pdf_imshow(np.random.default_rng(1).random((30, 40)))),
                        ("srgb.png", _pil("PNG", icc_profile=_srgb_profile()))]:
         got = _screen(tmp_path, name, data, indexes)
         assert got.verdict == "pass", (name, got.findings)
