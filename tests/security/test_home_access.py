@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -275,8 +276,55 @@ def hub():
     from ..hub_harness import DATASET, require_hub_tools, running_hub
 
     require_hub_tools()
-    with running_hub({DATASET: "granted\n"}) as h:
+
+    def setup(h):
+        from medzone_hub import accounts
+        from medzone_hub.authenticator import set_password
+
+        from ..hub_harness import PASSWORD
+
+        with h.store.session() as session:
+            accounts.add_user(session, "pat", actor="test")
+        set_password(h.home, "pat", PASSWORD, actor="test")
+
+    with running_hub({DATASET: "granted\n"}, setup=setup) as h:
         yield h
+
+
+def test_the_portal_run_page_returns_nothing_read_through_links(hub):
+    """pat plants a run folder whose notebook and parameters are links to root-only files
+    (from inside the sandbox); the portal's run page and its JSON show none of it."""
+    from ..hub_harness import PASSWORD, login
+
+    secret_dir = hub.base / "rootonly-run"
+    secret_dir.mkdir(mode=0o700)
+    nb = {"cells": [{"cell_type": "code", "source": SECRET.decode(), "metadata": {},
+                     "outputs": []}], "metadata": {"papermill": {"end_time": "x"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (secret_dir / "nb.ipynb").write_text(json.dumps(nb))
+    (secret_dir / "params.json").write_text(json.dumps({"secret": SECRET.decode()}))
+    name = "20260101T000000Z-demo"
+    env = {k: v for k, v in os.environ.items() if k != "MEDZONE_DB_URL"}
+    env["MEDZONE_HOME"] = str(hub.home.root)
+    done = subprocess.run(
+        [sys.executable, "-m", "medzone_hub.cli", "sandbox", "exec", "--user", "pat", "--",
+         "sh", "-c", f"mkdir -p ~/runs/{name} && "
+         f"ln -s {secret_dir}/nb.ipynb ~/runs/{name}/demo.ipynb && "
+         f"ln -s {secret_dir}/params.json ~/runs/{name}/parameters.json"],
+        env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    browser = login(hub, "pat", PASSWORD)
+    assert browser.login_response.status_code == 302
+    assert browser.get(hub.portal_url + "catalog", timeout=60).status_code == 200
+    xsrf = browser.cookies.get("_xsrf", path="/services/medzone-portal/")
+    status = browser.get(hub.portal_url + f"runs/{name}.json", timeout=60,
+                         headers={"X-XSRFToken": xsrf})
+    assert status.status_code == 200, status.text[-1000:]
+    assert status.json()["parameters"] == {} and status.json()["notebook"] is None
+    page = browser.get(hub.portal_url + f"runs/{name}", timeout=60)
+    assert page.status_code == 200
+    for text in (status.text, page.text):
+        assert SECRET.decode() not in text
 
 
 def test_the_spawner_writes_nothing_where_links_in_the_home_point(hub):
