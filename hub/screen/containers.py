@@ -207,6 +207,10 @@ def jpeg_layout(data: bytes) -> Layout:
             continue  # JFIF header without a thumbnail
         if marker == 0xEE and body[:5] == b"Adobe" and length == 14:
             continue  # Adobe colour-transform marker
+        if marker == 0xE2 and body[:12] == b"ICC_PROFILE\x00" and body[12:14] == b"\x01\x01" \
+                and len(body) - 14 <= ICC_MAX_BYTES and _icc_ok(body[14:]):
+            out.extras.append(Extra("", body[14:]))  # one small well-formed ICC profile
+            continue
         if marker == 0xFE:
             out.extras.append(Extra("a JPEG comment (COM)", body))
         elif 0xE0 <= marker <= 0xEF:

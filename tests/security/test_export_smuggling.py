@@ -264,7 +264,8 @@ def test_clean_figures_still_pass(tmp_path, indexes):
                        ("fig.jpg", _pil("JPEG")), ("roc.pdf", _figure("pdf")),
                        ("roc.svg", _figure("svg")), ("fig.png", _pil("PNG")),
                        ("heatmap.pdf", _pdf_imshow(np.random.default_rng(1).random((30, 40)))),
-                       ("srgb.png", _pil("PNG", icc_profile=_srgb_profile()))]:
+                       ("srgb.png", _pil("PNG", icc_profile=_srgb_profile())),
+                       ("srgb.jpg", _pil("JPEG", icc_profile=_srgb_profile()))]:
         got = _screen(tmp_path, name, data, indexes)
         assert got.verdict == "pass", (name, got.findings)
 
