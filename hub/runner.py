@@ -523,10 +523,11 @@ del _os
 """
 
 
-def write_kernel_folder(folder: Path, python: str) -> None:
+def write_kernel_folder(folder: Path, python: str, inputs: dict[str, bytes] | None = None) -> None:
     """Fill *folder* (bound read-only at :data:`KERNEL_INSIDE`): the kernel spec
-    ``python3``, the Jupyter configuration folder and the IPython profile, owned by the
-    hub (folders 0755, files 0644)."""
+    ``python3``, the Jupyter configuration folder, the IPython profile and, under
+    ``input/``, the run's *inputs* (the template and its parameters, as papermill reads
+    them), owned by the hub (folders 0755, files 0644)."""
     spec = {"argv": kernel_argv(python), "display_name": "MedZone template run",
             "language": "python", "env": {"MEDZONE_KERNEL": "1"}}
     files = {
@@ -535,13 +536,14 @@ def write_kernel_folder(folder: Path, python: str) -> None:
         "ipython/profile_default/ipython_kernel_config.json": json.dumps(KERNEL_CONFIG, indent=1),
         "ipython/profile_default/startup/00-medzone-run.py": STARTUP,
     }
+    files.update({f"input/{name}": content for name, content in (inputs or {}).items()})
     os.chmod(folder, 0o755)
     for rel, text in files.items():
         path = folder / rel
         for parent in reversed(PurePosixPath(rel).parents):
             (folder / parent).mkdir(mode=0o755, exist_ok=True)
             os.chmod(folder / parent, 0o755)
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
         os.chmod(path, 0o644)
 
 
@@ -643,21 +645,25 @@ def run_template(
     rel = fs.mkdir_unique("runs", f"{_timestamp(now)}-{stem}")
     run_dir = home_dir / rel
     inside = f"{policy.home_inside}/{rel}"
+    params_json = json.dumps(values, indent=1).encode()
+    # The user's copies, for reference; papermill reads the hub's (below), which no one
+    # else can swap while the run starts.
     fs.write_bytes(f"{rel}/{TEMPLATE_COPY}", data, mode=0o600)
-    fs.write_bytes(f"{rel}/{PARAMETERS_FILE}", json.dumps(values, indent=1).encode(), mode=0o600)
+    fs.write_bytes(f"{rel}/{PARAMETERS_FILE}", params_json, mode=0o600)
     output_rel = f"{rel}/{stem}.ipynb"
     output = home_dir / output_rel
     output_inside = f"{inside}/{stem}.ipynb"
     prefix, python = _python_of(policy, config)
     env = run_environment()
-    command = [python, "-I", "-c", DRIVER, f"{inside}/{TEMPLATE_COPY}", output_inside,
-               f"{inside}/{PARAMETERS_FILE}", inside, KERNEL_INSIDE]
+    command = [python, "-I", "-c", DRIVER, f"{KERNEL_INSIDE}/input/{TEMPLATE_COPY}",
+               output_inside, f"{KERNEL_INSIDE}/input/{PARAMETERS_FILE}", inside, KERNEL_INSIDE]
 
     started = time.monotonic()
     print(f"medzone: running {stem} as {user} in {inside}", file=sys.stderr, flush=True)
     kernel_dir = Path(tempfile.mkdtemp(prefix="medzone-run-kernel-"))
     try:
-        write_kernel_folder(kernel_dir, python)
+        write_kernel_folder(kernel_dir, python,
+                            inputs={TEMPLATE_COPY: data, PARAMETERS_FILE: params_json})
         try:
             rc = run_in_sandbox(home, store, user, command, config=config,
                                 extra_ro_binds=[(str(kernel_dir), KERNEL_INSIDE)], extra_env=env)

@@ -5,10 +5,10 @@ exec``): a ``~/runs`` symbolic link into a root-only host folder, and code or co
 planted wherever Python, Jupyter, IPython or matplotlib would read it (IPython start-up
 files and config, a ``python3`` kernel spec, ``~/.jupyter``, user site-packages with
 ``usercustomize``/``.pth``, ``~/.config/matplotlib``, modules in the home and, while the run
-is starting, modules and a ``matplotlibrc`` in the run folder itself). The run must refuse
-the link in one line and create nothing where it points, and an executed notebook recorded
-against the template's sha256 must carry no injected output, with none of the planted code
-having run; the audit row records the environment the run had.
+is starting, modules, a ``matplotlibrc`` and a forged ``template.ipynb`` in the run folder
+itself). The run must refuse the link in one line and create nothing where it points, and
+an executed notebook recorded against the template's sha256 must carry no injected output,
+with none of the planted code having run; the audit row records the environment the run had.
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ for name in ("numpy", "papermill", "json", "ipykernel_launcher", "nbclient", "tr
 put("plant/numpy.py", code("run-folder-numpy"))
 put("plant/sitecustomize.py", code("run-folder-sitecustomize"))
 put("plant/matplotlibrc", "figure.dpi: 19\n")
+put("plant/template.ipynb", json.dumps({  # swapped for the run folder's template copy
+    "nbformat": 4, "nbformat_minor": 5,
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "cells": [{"cell_type": "code", "id": "forged", "metadata": {}, "execution_count": None,
+               "outputs": [], "source": code("forged-template")}]}))
 print("planted")
 """
 
@@ -109,8 +114,8 @@ for i in $(seq 1 600); do
   for d in "$HOME"/runs/*/; do
     [ -d "$d" ] || continue
     [ -e "$d/planted" ] && continue
-    cp "$HOME/plant/numpy.py" "$HOME/plant/sitecustomize.py" "$HOME/plant/matplotlibrc" "$d" \
-      && touch "$d/planted"
+    cp "$HOME/plant/numpy.py" "$HOME/plant/sitecustomize.py" "$HOME/plant/matplotlibrc" \
+      "$HOME/plant/template.ipynb" "$d" && touch "$d/planted"
   done
   sleep 0.05
 done
@@ -245,7 +250,7 @@ def _outputs(notebook: Path) -> str:
     "ipython-startup", "ipython-config", "ipython-config2", "jupyter-config", "jupyter-json",
     "kernelspec", "usercustomize", "pth", "usersite-numpy", "home-numpy", "home-papermill",
     "home-json", "home-ipykernel_launcher", "home-nbclient", "home-traitlets",
-    "run-folder-numpy", "run-folder-sitecustomize",
+    "run-folder-numpy", "run-folder-sitecustomize", "forged-template",
 ])
 def test_planted_code_does_not_run(attacked_run, marker):
     zone, user, notebook = attacked_run
