@@ -105,7 +105,7 @@ _FALSE = {"false", "no", "0", "off"}
 # one line on stderr.
 DRIVER = r"""
 import json, os, shutil, sys
-src, out, params_file, run_dir, kernel_dir = sys.argv[1:6]
+src, out, params_file, run_dir, kernel_dir, result_fd = sys.argv[1:7]
 os.environ["MEDZONE_RUN_DIR"] = run_dir
 os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 try:
@@ -124,9 +124,16 @@ try:
     config.KernelManager.transport = "ipc"
     config.KernelManager.ip = "/tmp/medzone-kernel"
     # The kernel starts in the hub's folder; its start-up file enters run_dir.
-    papermill.execute_notebook(src, out, parameters=params, cwd=kernel_dir,
-                               kernel_name="python3", progress_bar=True, log_output=False,
-                               config=config)
+    nb = papermill.execute_notebook(src, out, parameters=params, cwd=kernel_dir,
+                                    kernel_name="python3", progress_bar=True,
+                                    log_output=False, config=config)
+    # What the run produced, written once more and its hash told to the hub on a pipe: the
+    # hub records it, whatever the home holds by the time the hub looks.
+    import hashlib, nbformat
+    data = nbformat.writes(nb).encode("utf-8")
+    with open(out, "wb") as f:
+        f.write(data)
+    os.write(int(result_fd), hashlib.sha256(data).hexdigest().encode() + b"\n")
 except PapermillExecutionError:
     sys.exit(3)
 except KeyboardInterrupt:
@@ -655,8 +662,10 @@ def run_template(
     output_inside = f"{inside}/{stem}.ipynb"
     prefix, python = _python_of(policy, config)
     env = run_environment()
+    result_read, result_write = os.pipe()
     command = [python, "-I", "-c", DRIVER, f"{KERNEL_INSIDE}/input/{TEMPLATE_COPY}",
-               output_inside, f"{KERNEL_INSIDE}/input/{PARAMETERS_FILE}", inside, KERNEL_INSIDE]
+               output_inside, f"{KERNEL_INSIDE}/input/{PARAMETERS_FILE}", inside, KERNEL_INSIDE,
+               str(result_write)]
 
     started = time.monotonic()
     print(f"medzone: running {stem} as {user} in {inside}", file=sys.stderr, flush=True)
@@ -666,15 +675,23 @@ def run_template(
                             inputs={TEMPLATE_COPY: data, PARAMETERS_FILE: params_json})
         try:
             rc = run_in_sandbox(home, store, user, command, config=config,
-                                extra_ro_binds=[(str(kernel_dir), KERNEL_INSIDE)], extra_env=env)
+                                extra_ro_binds=[(str(kernel_dir), KERNEL_INSIDE)], extra_env=env,
+                                pass_fds=(result_write,))
         except KeyboardInterrupt:  # the sandbox is gone with its monitor; record and report it
             rc = 130
     finally:
         shutil.rmtree(kernel_dir, ignore_errors=True)
+        os.close(result_write)
+        try:
+            reported = os.read(result_read, 256).decode("ascii", "replace").strip()
+        finally:
+            os.close(result_read)
     seconds = time.monotonic() - started
 
     written = fs.is_file(output_rel)
-    output_sha = _read_back(fs.sha256, output_rel) if written else None
+    in_home = _read_back(fs.sha256, output_rel) if written else None
+    # The run's own report (a finished run) wins over what the home holds now.
+    output_sha = reported if re.fullmatch(r"[0-9a-f]{64}", reported) else in_home
     failure = None
     if rc != 0:
         executed = (_read_back(fs.read_bytes, output_rel, max_bytes=MAX_NOTEBOOK_BYTES)
@@ -700,6 +717,9 @@ def run_template(
     }
     if failure:
         detail["error"] = failure
+    if output_sha is not None and in_home != output_sha:
+        # Changed (or removed) in the home after the run wrote it.
+        detail["output_sha256_in_home"] = in_home
     with store.session() as session:
         audit.append(session, actor=user, action="run.execute", subject=f"template:{stem}",
                      detail=detail)

@@ -1024,12 +1024,14 @@ def release_resources(policy: SandboxPolicy, cgroup: str | os.PathLike | None = 
 def run_in_sandbox(home: MedZoneHome, store, user: str, command: Sequence[str], *,
                    config: SandboxConfig | None = None,
                    extra_ro_binds: Iterable[tuple[str, str]] = (),
-                   extra_env: Mapping[str, str] | None = None) -> int:
+                   extra_env: Mapping[str, str] | None = None,
+                   pass_fds: Sequence[int] = ()) -> int:
     """Run *command* in *user*'s sandbox (as their kernel would see it), attached to this
     process's stdin/stdout/stderr; returns its exit status (128+N if killed by signal N).
 
     *extra_ro_binds* and *extra_env* are as for :func:`bwrap_argv` (a template run binds
-    the hub's kernel folder and sets where Jupyter and IPython look)."""
+    the hub's kernel folder and sets where Jupyter and IPython look); *pass_fds* stay open
+    in the sandboxed command (a template run reports its output's hash on a pipe)."""
     extra_ro_binds = [tuple(b) for b in extra_ro_binds]
     with store.session() as session:
         policy = build_policy(home, session, user, config=config)
@@ -1043,7 +1045,7 @@ def run_in_sandbox(home: MedZoneHome, store, user: str, command: Sequence[str], 
         argv = bwrap_argv(policy, list(command), cgroup=cgroup, extra_ro_binds=extra_ro_binds,
                           extra_env=extra_env)
         try:
-            proc = subprocess.Popen(argv, env={}, close_fds=True)
+            proc = subprocess.Popen(argv, env={}, close_fds=True, pass_fds=tuple(pass_fds))
         except OSError as err:
             raise SandboxError(f"cannot start bubblewrap: {err}") from None
         try:

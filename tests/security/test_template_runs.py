@@ -285,3 +285,50 @@ def test_audit_records_the_environment_of_the_run(attacked_run):
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
     assert {"papermill", "ipykernel", "nbclient"} <= set(env["packages"])
     assert zone.cli("audit", "verify").returncode == 0
+
+
+# --- the executed notebook swapped as the run ends -----------------------------------------
+
+SWAP = r"""
+for i in $(seq 1 3000); do
+  for f in "$HOME"/runs/*/isolation_probe.ipynb; do
+    [ -f "$f" ] || continue
+    grep -q '"nbformat_minor"' "$f" || continue
+    grep -q '"end_time": null' "$f" && continue
+    printf '{"FORGED": true}\n' > "$f.swap" && mv -f "$f.swap" "$f" && exit 0
+  done
+  sleep 0.01
+done
+"""
+FORGED = b'{"FORGED": true}\n'
+
+
+def test_the_recorded_output_hash_is_what_the_run_wrote(zone):
+    """A watcher in the user's sandbox swaps the executed notebook the moment papermill
+    has finished it: the audit row still names the hash of what the run wrote (and, when
+    the swap outlived the run, what the home holds instead)."""
+    import hashlib
+
+    user = "oscar"
+    with zone.store.session() as session:
+        accounts.add_user(session, user, actor="test")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "medzone_hub.cli", "sandbox", "exec", "--user", user, "--",
+         "/bin/sh", "-c", SWAP],
+        env=zone.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    try:
+        done = zone.cli("run", str(zone.template), "--user", user)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=30)
+    assert done.returncode == 0, done.stderr
+    notebook = Path(done.stdout.strip())
+    (detail,) = [d for actor, d in zone.audit("run.execute") if actor == user]
+    forged = hashlib.sha256(FORGED).hexdigest()
+    assert detail["output_sha256"] != forged
+    held = hashlib.sha256(notebook.read_bytes()).hexdigest()
+    if held == detail["output_sha256"]:
+        assert "output_sha256_in_home" not in detail
+    else:
+        assert detail["output_sha256_in_home"] == held == forged
+    assert zone.cli("audit", "verify").returncode == 0
