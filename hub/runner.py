@@ -508,12 +508,13 @@ def run_environment() -> dict[str, str]:
     }
 
 
-#: The IPython kernel's configuration in the hub's profile.
+#: The IPython kernel's configuration in the hub's profile. (Its history goes to the
+#: profile copy in the run's private /tmp; turning history off makes the kernel take
+#: seconds to shut down.)
 KERNEL_CONFIG = {
     "IPKernelApp": {"ignore_cwd": True, "exec_PYTHONSTARTUP": False, "extensions": [],
                     "exec_files": [], "exec_lines": [], "code_to_run": "",
                     "module_to_run": "", "file_to_run": ""},
-    "HistoryManager": {"enabled": False},
 }
 
 #: The hub profile's start-up file: what libraries read from the working folder is read
