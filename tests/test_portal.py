@@ -205,7 +205,19 @@ ROLE_PAGES = {
 @pytest.fixture(scope="module")
 def bob_request(hub):
     """An export request (with a figure) that nobody of the role tests filed."""
-    return _export(hub, "bob", "figure.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    return _export(hub, "bob", "figure.png", _small_png())
+
+
+def _small_png() -> bytes:
+    """A well-formed plain figure (the screen reads every byte, so it must be a real PNG)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), "white")
+    for x in range(8, 56, 12):
+        image.paste((31, 119, 180), (x, 48 - 4 * (x // 6), x + 8, 48))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("page", sorted(ROLE_PAGES))
