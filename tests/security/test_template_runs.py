@@ -332,3 +332,37 @@ def test_the_recorded_output_hash_is_what_the_run_wrote(zone):
     else:
         assert detail["output_sha256_in_home"] == held == forged
     assert zone.cli("audit", "verify").returncode == 0
+
+
+PRE_PLANT = r"""
+import os, sys
+from datetime import datetime, timedelta, timezone
+target, stem = sys.argv[1], sys.argv[2]
+runs = os.path.join(os.environ["HOME"], "runs")
+os.makedirs(runs, exist_ok=True)
+now = datetime.now(timezone.utc)
+for i in range(-2, 120):  # every run folder name of the next two minutes
+    name = (now + timedelta(seconds=i)).strftime("%Y%m%dT%H%M%SZ") + "-" + stem
+    os.symlink(target, os.path.join(runs, name))
+"""
+
+
+def test_run_folder_names_planted_as_links_are_not_followed(zone):
+    """The next run folder's name is predictable: links planted under every such name
+    are left alone (the run takes the next free name) and nothing appears where they point."""
+    if os.geteuid() != 0:
+        pytest.skip("the hub runs as root only in a root test run")
+    user = "peggy"
+    with zone.store.session() as session:
+        accounts.add_user(session, user, actor="test")
+    victim = zone.base / "rootonly-names"
+    victim.mkdir(mode=0o700)
+    planted = zone.exec(user, "python3", "-c", PRE_PLANT, str(victim), zone.template.stem)
+    assert planted.returncode == 0, planted.stderr
+    done = zone.cli("run", str(zone.template), "--user", user)
+    assert done.returncode == 0, done.stderr
+    notebook = Path(done.stdout.strip())
+    assert notebook.parent.name.endswith(f"-{zone.template.stem}-2")
+    assert not notebook.parent.is_symlink()
+    assert list(victim.iterdir()) == []
+    assert zone.cli("audit", "verify").returncode == 0
