@@ -231,31 +231,7 @@ class UserHome:
     def walk_files(self, rel: str | os.PathLike = "", *, skip_hidden: bool = False) -> list[str]:
         """Every regular file under folder *rel* (relative to the home, sorted); links and
         special files are skipped, never followed."""
-        base = parts_of(rel)
-        found: list[str] = []
-
-        def visit(fd: int, prefix: tuple[str, ...]) -> None:
-            with os.scandir(fd) as entries:
-                names = sorted((e.name, e.is_dir(follow_symlinks=False),
-                                e.is_file(follow_symlinks=False)) for e in entries)
-            for name, is_dir, is_file in names:
-                if skip_hidden and name.startswith("."):
-                    continue
-                if is_file:
-                    found.append("/".join((*prefix, name)))
-                elif is_dir:
-                    try:
-                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    except OSError:
-                        continue  # swapped for a link or removed meanwhile
-                    try:
-                        visit(child, (*prefix, name))
-                    finally:
-                        os.close(child)
-
-        with self.dir_fd(rel) as fd:
-            visit(fd, base)
-        return found
+        return [path for path, _st in self.walk_stats(rel, skip_hidden=skip_hidden)]
 
     def walk_stats(self, rel: str | os.PathLike = "", *,
                    skip_hidden: bool = False) -> list[tuple[str, os.stat_result]]:
