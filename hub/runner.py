@@ -3,7 +3,8 @@
 ``medzone run TEMPLATE --user USER -p NAME VALUE …`` (and the portal) call
 :func:`run_template`, which
 
-1. finds the template (a name in ``templates/`` or a path to an ``.ipynb``) and hashes it;
+1. finds the template (a name in the ``medzone_templates`` package, the repository's
+   ``templates/``, or a path to an ``.ipynb``) and hashes it;
 2. checks every ``-p`` against the template's ``parameters`` cell as papermill's
    :func:`papermill.inspect_notebook` reads it: an unknown name, or a value that is not of
    the default's type (int, float, bool, str, list, dict), is refused in one line;
@@ -57,6 +58,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -65,8 +67,9 @@ from .homefs import UserHome
 from .manifest import sha256_file
 from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
 
-#: Where the project's templates live (next to the ``hub/`` package folder).
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+#: Where the project's templates live: the ``medzone_templates`` package's data, so a wheel
+#: install finds them as well as a checkout does.
+TEMPLATES_DIR = Path(str(resources.files("medzone_templates")))
 
 #: Environment variable naming the run folder inside the sandbox.
 RUN_DIR_ENV = "MEDZONE_RUN_DIR"
@@ -196,8 +199,8 @@ def list_templates(templates_dir: str | os.PathLike | None = None) -> list[str]:
 
 
 def find_template(template: str, templates_dir: str | os.PathLike | None = None) -> Path:
-    """A template's file: *template* is a name in *templates_dir* (default: the project's
-    ``templates/``) or a path to an ``.ipynb`` file."""
+    """A template's file: *template* is a name in *templates_dir* (default: the installed
+    ``medzone_templates`` package) or a path to an ``.ipynb`` file."""
     if template.endswith(".ipynb") or os.sep in template:
         path = Path(template)
         if not path.is_file():
