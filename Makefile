@@ -8,7 +8,7 @@ DEMO_DIR ?= $(CURDIR)/demo-data
 DEMO_PATIENTS ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test bench notebooks clean-demo
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# Writes each template's, tutorial's and test probe's .ipynb from the percent-format .py it is
+# paired with (the pairing is in each folder's jupytext.toml).
+notebooks: install
+	$(VENV)/bin/jupytext --sync $(filter-out %/__init__.py,$(wildcard templates/*.py notebooks/*.py)) \
+		tests/runner_probe.py
 
 clean-demo:
 	rm -rf "$(DEMO_DIR)"
