@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,7 +26,8 @@ from traitlets.config import Application
 from ..config import MedZoneHome, resolve_home
 from . import SERVICE_NAME
 
-HERE = Path(__file__).resolve().parent
+#: The portal's page templates and style sheet: package data, found in a wheel install too.
+HERE = Path(str(resources.files(__package__)))
 
 
 @dataclass
@@ -137,8 +139,8 @@ class PortalApp(Application):
         "", config=True, help="MEDZONE_HOME (default: $MEDZONE_HOME or ~/.medzone).")
     templates_dir = Unicode(
         "", config=True,
-        help="Folder of papermill templates offered on the run page (default: the project's "
-             "templates/).")
+        help="Folder of papermill templates offered on the run page (default: the ones "
+             "installed with MedZone, the medzone_templates package).")
     page_size = Integer(25, config=True, help="Rows per page of long lists.")
     service_url = Unicode(config=True, help="Where to listen (default: $JUPYTERHUB_SERVICE_URL).")
 
