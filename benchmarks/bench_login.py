@@ -38,7 +38,7 @@ from pathlib import Path
 import requests
 
 from medzone_hub import accounts
-from medzone_hub.authenticator import set_password
+from medzone_hub.accounts import set_password
 from medzone_hub.config import MedZoneHome
 from medzone_hub.db import connect
 from medzone_hub.hubapp import proxy_command, start_hub, stop_proxy

@@ -60,6 +60,7 @@ from . import audit
 from .access import screening_datasets
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
+from .db import open_store
 from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .homefs import FileTooLarge, UserHome, parts_of
 from .manifest import sha256_file
@@ -1136,14 +1137,8 @@ def notebook_views(home: MedZoneHome, request: ExportRequest,
     if session is None:
         session = Session.object_session(request)
     if session is None:  # a request read in a session since closed: look the runs up anew
-        from .db import connect
-
-        store = connect(home.db_url)
-        try:
-            with store.session() as fresh:
-                return notebook_views(home, request, fresh)
-        finally:
-            store.close()
+        with open_store(home).session() as fresh:
+            return notebook_views(home, request, fresh)
     base = quarantine_dir(home, request.id)
     out = []
     for f in request.files:

@@ -16,17 +16,19 @@ this compatibility layer:
   carrying JupyterHub's ``_xsrf`` token, which JupyterHub checks on every cookie-
   authenticated POST. Each decision is one row of MedZone's audit log
   (``user.approve``, ``user.unapprove``, ``user.discard``).
-* **One rule for who decides sign-ups.** :func:`decide_account` is the one place: approved
-  admins and data stewards (the people who already decide who reaches data) may approve or
-  discard sign-ups, nobody decides about their own account, and only an admin withdraws an
-  admin's approval. The hub's page and the portal's steward queue both call it.
+* **One rule for who decides sign-ups.** :func:`medzone_hub.accounts.decide_account` is the
+  one place: approved admins and data stewards (the people who already decide who reaches
+  data) may approve or discard sign-ups, nobody decides about their own account, and only
+  an admin withdraws an admin's approval. The hub's page and the portal's steward queue
+  both call it.
 * **MedZone's store is the source of truth.** A sign-up creates an *unapproved* account in
   the store (so the name is taken there too); approving it in the hub approves it in the
   store, in the same step. Login requires a valid password **and** an approved account in
   the store, so an account unapproved with ``medzone`` cannot log in either. Sign-up is
   refused for a name the store already has: an admin approving "alice" must never hand an
   existing account to a stranger who signed up under that name.
-* **Accounts created with ``medzone user add``** have no password; :func:`set_password`
+* **Accounts created with ``medzone user add``** have no password;
+  :func:`medzone_hub.accounts.set_password`
   gives them one (the CLI's ``medzone user add NAME --password`` / ``medzone user
   password NAME`` call it).
 * JupyterHub 6 rejects every user unless ``allow_all`` or an allow-list is set: this class
@@ -36,9 +38,10 @@ this compatibility layer:
 * **Passwords are checked and hashed off the event loop.** bcrypt takes about 0.3 s per
   password on purpose; upstream runs it on the hub's event loop, so every login froze the
   whole hub (API included) for that long. Here logins, sign-ups and changes of password
-  run :func:`check_password` / :func:`hash_password` in a small thread pool
+  run :func:`~medzone_hub.accounts.check_password` /
+  :func:`~medzone_hub.accounts.hash_password` in a small thread pool
   (``password_hash_threads``; bcrypt releases the GIL), so a storm of logins takes at most
-  those threads' CPUs and the hub keeps answering. (:func:`set_password` hashes in the
+  those threads' CPUs and the hub keeps answering. (``set_password`` hashes in the
   ``medzone`` command's process, never in the hub.)
 * **Failed-login lockout and rate limit, on by default** (:class:`LoginGuard`): per
   username and per client address (the hop the proxy appended to ``X-Forwarded-For``).
@@ -65,46 +68,30 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import bcrypt
 from jinja2 import ChoiceLoader, DictLoader
 from jupyterhub.handlers import BaseHandler
 from nativeauthenticator import handlers as native_handlers
 from nativeauthenticator.nativeauthenticator import NativeAuthenticator
 from nativeauthenticator.orm import UserInfo
-from sqlalchemy import select
 from tornado import web
 from tornado.escape import url_escape
 from tornado.httputil import url_concat
 from tornado.netutil import is_valid_ip
 from traitlets import Bool, Integer, Unicode, default
 
-from . import accounts, audit
+from . import accounts
+from .accounts import (DEFAULT_MIN_PASSWORD_LENGTH, check_account_decider, check_password,
+                       decide_account, hash_password)
 from .config import MedZoneHome, resolve_home
-from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
-from .models import User
+from .db import open_store
+from .errors import InvalidInput, MedZoneError
 
 
 #: Actor recorded for a sign-up (the person is not yet anyone the zone trusts).
 SIGNUP_ACTOR = "hub:signup"
 
-#: The minimum password length when the config does not set one.
-DEFAULT_MIN_PASSWORD_LENGTH = 8
-
 #: What a login form posted after its XSRF cookie expired shows (with the login page).
 LOGIN_FORM_EXPIRED = "Your login form expired; please sign in again."
-
-
-def hash_password(password: str) -> bytes:
-    """A new bcrypt hash of *password* (slow on purpose: call it off the event loop)."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt())
-
-
-def check_password(password: str, hashed: bytes) -> bool:
-    """Whether *password* matches the bcrypt hash *hashed* (slow: off the event loop)."""
-    try:
-        return bcrypt.checkpw(password.encode(), hashed)
-    except ValueError:  # not a bcrypt hash
-        return False
 
 
 # --- failed-login lockout and rate limit ------------------------------------------------
@@ -256,149 +243,6 @@ async def _with_prehashed(handler, password: str, confirmation: str, coro_fn):
     finally:
         if token is not None:
             _prehashed.reset(token)
-
-
-# --- the store side (plain functions, usable from the CLI and tests) -----------------
-
-def approve_account(session, name: str, *, actor: str, via: str = "hub") -> User:
-    """Approve *name* in the store (creating an approved account if there is none)."""
-    account = session.scalar(select(User).where(User.name == name))
-    if account is None:
-        return accounts.add_user(session, name, approved=True, actor=actor)
-    if not account.approved:
-        account.approved = True
-        audit.append(session, actor=actor, action="user.approve", subject=f"user:{name}",
-                     detail={"via": via})
-    return account
-
-
-def unapprove_account(session, name: str, *, actor: str, via: str = "hub") -> User | None:
-    """Withdraw *name*'s approval in the store: no login, no spawn, no grants mounted."""
-    account = session.scalar(select(User).where(User.name == name))
-    if account is not None and account.approved:
-        account.approved = False
-        audit.append(session, actor=actor, action="user.unapprove", subject=f"user:{name}",
-                     detail={"via": via})
-    return account
-
-
-def hub_db_factory(home: MedZoneHome):
-    """Sessions on the hub's own database (where NativeAuthenticator keeps sign-ups and
-    passwords), creating it the way JupyterHub would: for code outside the hub process."""
-    from jupyterhub import orm as hub_orm
-
-    from .hubapp import prepare_state
-
-    paths = prepare_state(home)
-    factory = hub_orm.new_session_factory(f"sqlite:///{paths.db_path}")
-    paths.db_path.chmod(0o600)
-    return factory
-
-
-def _hub_db(home: MedZoneHome):
-    return hub_db_factory(home)()
-
-
-#: What can be decided about a sign-up.
-ACCOUNT_ACTIONS = ("approve", "unapprove", "discard")
-
-
-def check_account_decider(session, name: str) -> User:
-    """*name*'s store account if it may decide sign-ups, else :class:`RuleViolation`.
-
-    Approved admins and data stewards may: stewards already decide who reaches which data,
-    and approving an account grants no data (that is an access application).
-    """
-    account = session.scalar(select(User).where(User.name == name))
-    if account is None or not account.approved:
-        raise RuleViolation(f"{name!r} is not an approved user")
-    if not (account.admin or account.has_role(accounts.ROLE_DATA_STEWARD)):
-        raise RuleViolation(f"{name!r} may not decide accounts: only admins and "
-                            f"{accounts.ROLE_DATA_STEWARD}s may")
-    return account
-
-
-def decide_account(session, hub_db, name: str, action: str, *, decider: str,
-                   actor: str | None = None, via: str = "hub") -> UserInfo | None:
-    """Approve, withdraw the approval of, or discard the account *name*: in the store and
-    in NativeAuthenticator's sign-up table (*hub_db*, committed here) in one step.
-
-    *decider* must pass :func:`check_account_decider` and may not decide about their own
-    account; withdrawing an admin's approval needs an admin. *actor* is what the audit
-    log records (default: *decider*). Returns the sign-up row (``None`` where there is
-    none, e.g. an account made with ``medzone user add``; discarding needs one).
-    """
-    if action not in ACCOUNT_ACTIONS:
-        raise InvalidInput(f"unknown action {action!r} (one of {', '.join(ACCOUNT_ACTIONS)})")
-    me = check_account_decider(session, decider)
-    if name == decider:
-        raise RuleViolation(f"{decider!r} may not decide about their own account")
-    account = session.scalar(select(User).where(User.name == name))
-    # Read the row afresh: another process (the hub, the portal) may have changed it.
-    info = (hub_db.query(UserInfo).filter(UserInfo.username == name)
-            .populate_existing().first())
-    if account is None and info is None:
-        raise NotFound(f"no account or sign-up named {name!r}")
-    actor = actor or decider
-    if action == "discard":
-        if info is None:
-            raise NotFound(f"no sign-up named {name!r}")
-        if info.is_authorized or (account is not None and account.approved):
-            raise Conflict("withdraw the approval before discarding an account")
-        audit.append(session, actor=actor, action="user.discard", subject=f"user:{name}",
-                     detail={"in_store": account is not None, "via": via})
-        hub_db.delete(info)
-        # The store keeps the (unapproved) account: its name stays taken and its audit
-        # rows keep a subject.
-    elif action == "approve":
-        approve_account(session, name, actor=actor, via=via)
-        if info is not None:
-            info.is_authorized = True
-    else:
-        if account is not None and account.admin and not me.admin:
-            raise RuleViolation(f"only an admin may withdraw the approval of admin {name!r}")
-        unapprove_account(session, name, actor=actor, via=via)
-        if info is not None:
-            info.is_authorized = False
-    session.flush()  # a store refusal (e.g. a constraint) stops before the hub changes
-    hub_db.commit()
-    return None if action == "discard" else info
-
-
-def set_password(home: MedZoneHome, name: str, password: str, *, actor: str,
-                 min_length: int = DEFAULT_MIN_PASSWORD_LENGTH) -> None:
-    """Let the approved store account *name* log in at the hub with *password*.
-
-    For accounts made with ``medzone user add`` (which have no password), and to reset a
-    forgotten one. Refuses an unknown or unapproved account. Audited as
-    ``user.password_set`` (the password itself is never recorded).
-    """
-    from .db import connect
-
-    if not isinstance(password, str) or len(password) < min_length:
-        raise InvalidInput(f"a password needs at least {min_length} characters")
-    store = connect(home.ensure().db_url)
-    try:
-        with store.session() as session:
-            account = accounts.get_user(session, name)
-            if not account.approved:
-                raise RuleViolation(f"user {name!r} is not approved; approve the account first")
-            db = _hub_db(home)
-            try:
-                info = UserInfo.find(db, name)
-                hashed = hash_password(password)
-                if info is None:
-                    db.add(UserInfo(username=name, password=hashed, is_authorized=True))
-                else:
-                    info.password = hashed
-                    info.is_authorized = True
-                db.commit()
-            finally:
-                db.close()
-            audit.append(session, actor=actor, action="user.password_set",
-                         subject=f"user:{name}", detail={"via": "cli"})
-    finally:
-        store.close()
 
 
 # --- handlers --------------------------------------------------------------------------
@@ -589,17 +433,13 @@ class _AccountsHandler(_MedZoneTemplates):
     HTTP errors (one line)."""
 
     def check_decider(self) -> None:
-        from .hub_api import http_error
-
         try:
             with self.authenticator.store.session() as session:
                 check_account_decider(session, self.current_user.name)
         except MedZoneError as err:
-            raise http_error(err) from None
+            raise web.HTTPError(err.http_status, str(err)) from None
 
     def decide(self, name: str, action: str) -> UserInfo | None:
-        from .hub_api import http_error
-
         try:
             with self.authenticator.store.session() as session:
                 return decide_account(session, self.db, name, action,
@@ -607,7 +447,7 @@ class _AccountsHandler(_MedZoneTemplates):
                                       actor=f"hub:{self.current_user.name}", via="hub")
         except MedZoneError as err:
             self.db.rollback()
-            raise http_error(err) from None
+            raise web.HTTPError(err.http_status, str(err)) from None
 
 
 class AuthorizationAreaHandler(_AccountsHandler):
@@ -746,7 +586,6 @@ class MedZoneAuthenticator(NativeAuthenticator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._store = None
         self._password_pool: ThreadPoolExecutor | None = None
         self.login_guard = LoginGuard(
             user_failures=self.allowed_failed_logins,
@@ -790,16 +629,12 @@ class MedZoneAuthenticator(NativeAuthenticator):
 
     @property
     def store(self):
-        if self._store is None:
-            from .db import connect
-
-            self._store = connect(self.home.ensure().db_url)
-        return self._store
+        return open_store(self.home)
 
     def _store_account(self, name: str) -> tuple[bool, bool] | None:
         """(approved, admin) of *name* in the store, or None if it is not there."""
         with self.store.session() as session:
-            account = session.scalar(select(User).where(User.name == name))
+            account = accounts.find_user(session, name)
             if account is None:
                 return None
             return account.approved, account.admin
@@ -928,7 +763,4 @@ class MedZoneAuthenticator(NativeAuthenticator):
         ]
 
 
-__all__ = ["ACCOUNT_ACTIONS", "LOGIN_FORM_EXPIRED", "LoginGuard", "MedZoneAuthenticator",
-           "approve_account", "check_account_decider", "check_password", "client_address",
-           "decide_account", "hash_password", "hub_db_factory", "set_password",
-           "unapprove_account"]
+__all__ = ["LOGIN_FORM_EXPIRED", "LoginGuard", "MedZoneAuthenticator", "client_address"]

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import MedZoneHome, resolve_home
+from .db import open_store
 from .errors import IngestRefused, InvalidInput, MedZoneError
 
 #: How many refusal findings are printed before "… and N more".
@@ -25,12 +26,6 @@ MAX_FINDINGS_SHOWN = 40
 def default_actor() -> str:
     """Who a CLI decision is recorded as when no ``--by``/``--reviewer`` names a person."""
     return os.environ.get("MEDZONE_ACTOR") or f"cli:{getpass.getuser()}"
-
-
-def _open_store(home: MedZoneHome):
-    from .db import connect
-
-    return connect(home.ensure().db_url)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -88,7 +83,7 @@ def cmd_dataset_add(args, home: MedZoneHome) -> int:
     key = read_pseudonym_key(home, args.key_file) if args.deidentify else None
     if key is None and args.key_file and not args.deidentify:
         raise InvalidInput("--key-file only applies with --deidentify")
-    store = _open_store(home)
+    store = open_store(home)
     report = ingest_dataset(home, store, args.id, Path(args.source), title=args.title,
                             deidentify=args.deidentify, pseudonym_key=key,
                             actor=args.by or default_actor(), progress=not args.quiet)
@@ -102,7 +97,7 @@ def cmd_dataset_add(args, home: MedZoneHome) -> int:
 def cmd_dataset_list(args, home: MedZoneHome) -> int:
     from .registry import list_datasets
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         rows = [_dataset_row(ds) for ds in list_datasets(session)]
     if args.json:
         _print_json(rows)
@@ -119,7 +114,7 @@ def cmd_dataset_list(args, home: MedZoneHome) -> int:
 def cmd_user_add(args, home: MedZoneHome) -> int:
     from .accounts import add_user
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         user = add_user(session, args.name, admin=args.admin, roles=args.role or (),
                         approved=True, actor=args.by or default_actor())
         name = user.name
@@ -139,7 +134,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def cmd_user_password(args, home: MedZoneHome) -> int:
-    from .authenticator import set_password
+    from .accounts import set_password
 
     set_password(home, args.name, _read_password(args.stdin), actor=args.by or default_actor())
     print(f"password set for {args.name}")
@@ -149,7 +144,7 @@ def cmd_user_password(args, home: MedZoneHome) -> int:
 def cmd_user_list(args, home: MedZoneHome) -> int:
     from .accounts import list_users
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         rows = [{"name": u.name, "admin": bool(u.admin), "roles": list(u.roles or []),
                  "approved": bool(u.approved)} for u in list_users(session)]
     if args.json:
@@ -186,7 +181,7 @@ def _application_row(app, now: datetime) -> dict:
 def cmd_access_apply(args, home: MedZoneHome) -> int:
     from .access import apply
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         app = apply(session, user=args.user, dataset_ids=args.datasets, purpose=args.purpose,
                     days=args.days)
         session.flush()
@@ -198,7 +193,7 @@ def cmd_access_apply(args, home: MedZoneHome) -> int:
 def cmd_access_decide(args, home: MedZoneHome) -> int:
     from . import access
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         if args.action == "approve":
             app = access.approve(session, args.id, reviewer=args.reviewer, days=args.days,
                                  reason=args.reason)
@@ -218,7 +213,7 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
     from .models import utcnow
 
     now = utcnow()
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         expire_due(session, now=now)
         rows = [_application_row(a, now) for a in list_applications(session, user=args.user, now=now)]
     if args.json:
@@ -241,7 +236,7 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
     if not command:
         raise InvalidInput("name the command to run after --, e.g. medzone sandbox exec "
                            "--user USER -- python3")
-    return run_in_sandbox(home, _open_store(home), args.user, command)
+    return run_in_sandbox(home, open_store(home), args.user, command)
 
 
 # --- run -------------------------------------------------------------------------------
@@ -249,7 +244,7 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
 def cmd_run(args, home: MedZoneHome) -> int:
     from .runner import run_template
 
-    result = run_template(home, _open_store(home), args.user, args.template,
+    result = run_template(home, open_store(home), args.user, args.template,
                           [tuple(p) for p in args.param or ()])
     print(result.notebook)
     return 0
@@ -258,7 +253,8 @@ def cmd_run(args, home: MedZoneHome) -> int:
 # --- export ----------------------------------------------------------------------------
 
 def cmd_export_screen(args, home: MedZoneHome) -> int:
-    from .screen import ScreenConfig, load_indexes, screen_paths
+    from .indexes import load_indexes
+    from .screen import ScreenConfig, screen_paths
 
     missing = [p for p in args.paths if not os.path.lexists(p)]
     if missing:
@@ -282,7 +278,7 @@ def cmd_export_screen(args, home: MedZoneHome) -> int:
 def cmd_export_request(args, home: MedZoneHome) -> int:
     from .airlock import get_request, model_weight_paths, risk_report_file, submit_export
 
-    store = _open_store(home)
+    store = open_store(home)
     request_id = submit_export(store, home, user=args.user, paths=args.paths,
                                reason=args.reason, risk_report=args.risk_report)
     print(request_id)
@@ -299,7 +295,7 @@ def cmd_export_request(args, home: MedZoneHome) -> int:
 def cmd_export_review(args, home: MedZoneHome) -> int:
     from .airlock import decide_export
 
-    request = decide_export(_open_store(home), args.id, reviewer=args.reviewer,
+    request = decide_export(open_store(home), args.id, reviewer=args.reviewer,
                             approve=args.decision == "approve", comment=args.comment)
     print(f"export request {request.id}: {request.state} "
           f"({sum(r.approve for r in request.reviews)} of {request.approvals_required} "
@@ -310,7 +306,7 @@ def cmd_export_review(args, home: MedZoneHome) -> int:
 def cmd_export_show(args, home: MedZoneHome) -> int:
     from .airlock import get_request, notebook_views, risk_report_text, screen_report, status
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         request = get_request(session, args.id)
         info = status(request)
         report = screen_report(request)
@@ -353,7 +349,7 @@ def cmd_export_show(args, home: MedZoneHome) -> int:
 def cmd_export_status(args, home: MedZoneHome) -> int:
     from .airlock import get_request, status
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         info = status(get_request(session, args.id))
     if args.json:
         _print_json(info)
@@ -367,7 +363,7 @@ def cmd_export_status(args, home: MedZoneHome) -> int:
 def cmd_export_download(args, home: MedZoneHome) -> int:
     from .airlock import release_export
 
-    _record, written = release_export(_open_store(home), home, args.id, user=args.user,
+    _record, written = release_export(open_store(home), home, args.id, user=args.user,
                                       dest=Path(args.to))
     for path in written:
         print(path)
@@ -387,7 +383,7 @@ def cmd_hub(args, home: MedZoneHome) -> int:
 def cmd_audit_verify(args, home: MedZoneHome) -> int:
     from .audit import verify
 
-    with _open_store(home).session() as session:
+    with open_store(home).session() as session:
         result = verify(session)
     if args.json:
         _print_json({"ok": result.ok, "rows": result.rows, "first_bad": result.first_bad,

@@ -6,7 +6,7 @@ SQLite (a file under ``MEDZONE_HOME``) is the default; PostgreSQL is used when
 :mod:`medzone_hub.audit`) take a :class:`~sqlalchemy.orm.Session`, make their change and
 its audit row, and leave the commit to the caller::
 
-    store = connect(home.db_url)
+    store = open_store(home)
     with store.session() as session:
         app = access.apply(session, user="alice", dataset_ids=["ct-demo"], purpose="…")
     # committed here, or rolled back if the block raised
@@ -15,6 +15,7 @@ its audit row, and leave the commit to the caller::
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .config import MedZoneHome
 from .errors import InvalidInput, MedZoneError
 
 #: Seconds a SQLite connection waits for another writer before giving up.
@@ -80,6 +82,26 @@ def connect(db_url: str | URL) -> Store:
         engine.dispose()
         raise
     return Store(engine)
+
+
+_stores: dict[tuple[Path, str], Store] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(home: MedZoneHome) -> Store:
+    """The store of *home*: how the CLI, the hub (authenticator, spawner, hub API), the
+    portal and the services open it.
+
+    One store (engine) per home and database URL in this process, so the schema is migrated
+    once and every face shares one connection pool; the home's folders are made (with their
+    modes) the first time.
+    """
+    key = (home.root, home.db_url)
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = connect(home.ensure().db_url)
+        return store
 
 
 def make_engine(db_url: str | URL) -> Engine:

@@ -29,6 +29,7 @@ from tornado import web
 
 from . import airlock
 from .config import MedZoneHome, resolve_home
+from .db import open_store
 from .errors import MedZoneError, NotFound
 
 #: Keys a request body may have.
@@ -55,9 +56,7 @@ class _MedZoneAPIHandler(APIHandler):
 
     @property
     def store(self):
-        from .spawner import _store_for  # one engine per database in the hub process
-
-        return _store_for(self.medzone_home)
+        return open_store(self.medzone_home)
 
     def requester(self) -> str:
         """The name of the user the token belongs to, if it may act in that user's server."""

@@ -40,7 +40,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
 from . import sandbox
 from .config import MedZoneHome, resolve_home
+from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
 from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
 
@@ -63,22 +63,6 @@ SOCKET_INSIDE = "/run/medzone/jupyter.sock"
 #: the same path would make MEDZONE_HOME (as empty parent folders) visible inside.
 HUB_SOCKET_DIR_INSIDE = "/run/medzone-hub"
 SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
-
-_stores: dict[str, object] = {}
-_stores_lock = threading.Lock()
-
-
-def _store_for(home: MedZoneHome):
-    """One store (engine) per database URL in this process (connecting migrates: once)."""
-    from .db import connect
-
-    url = home.db_url
-    with _stores_lock:
-        store = _stores.get(url)
-        if store is None:
-            store = _stores[url] = connect(url)
-        return store
-
 
 def _proc_start_time(pid: int) -> int | None:
     """The start time of *pid* (clock ticks since boot), to tell a pid from a reused one."""
@@ -370,7 +354,7 @@ class SafeZoneSpawner(Spawner):
     def _audit(self, action: str, detail: dict) -> None:
         from . import audit
 
-        with _store_for(self.home).session() as session:
+        with open_store(self.home).session() as session:
             audit.append(session, actor="hub", action=action, subject=f"user:{self.user.name}",
                          detail=detail)
 
@@ -387,7 +371,7 @@ class SafeZoneSpawner(Spawner):
         home = self.home
         config = self.sandbox_config()
         key = f"hub:{self.user.name}:{self.name or ''}"
-        with _store_for(home).session() as session:
+        with open_store(home).session() as session:
             policy = sandbox.build_policy(home, session, self.user.name, config=config,
                                           gpu_key=key)
         sandbox.ensure_home(home, policy)
@@ -528,7 +512,7 @@ class SafeZoneSpawner(Spawner):
         """Datasets mounted at start that are no longer live grants (expiry recorded)."""
         from . import access
 
-        with _store_for(self.home).session() as session:
+        with open_store(self.home).session() as session:
             access.expire_due(session)
             live = set(access.live_grants(session, self.user.name))
         return sorted(set(self.mounted) - live)

@@ -99,14 +99,12 @@ class Airlock:
 
     def request(self, *paths, user="alice", reason="figures for the paper",
                 risk_report=None) -> int:
-        with self.store.session() as s:
-            return airlock.request_export(s, self.home, user=user, paths=paths, reason=reason,
-                                          risk_report=risk_report).id
+        return airlock.submit_export(self.store, self.home, user=user, paths=list(paths),
+                                     reason=reason, risk_report=risk_report)
 
     def review(self, request_id, reviewer, approve=True, comment=None) -> str:
-        with self.store.session() as s:
-            return airlock.review_export(s, request_id, reviewer=reviewer, approve=approve,
-                                         comment=comment).state
+        return airlock.decide_export(self.store, request_id, reviewer=reviewer,
+                                     approve=approve, comment=comment).state
 
     def get(self, request_id) -> ExportRequest:
         with self.store.session() as s:

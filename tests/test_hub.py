@@ -24,7 +24,7 @@ require_hub_tools()
 import websocket  # noqa: E402  (a test dependency: pip install -e '.[test]')
 
 from medzone_hub import access, accounts  # noqa: E402
-from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.accounts import set_password  # noqa: E402
 from medzone_hub.hubapp import HubPaths, proxy_pid  # noqa: E402
 from medzone_hub.sandbox import build_policy, ensure_home  # noqa: E402
 

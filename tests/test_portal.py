@@ -35,7 +35,7 @@ from .hub_harness import (
 require_hub_tools()
 
 from medzone_hub import access, accounts, airlock, audit  # noqa: E402
-from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.accounts import set_password  # noqa: E402
 from medzone_hub.runner import TEMPLATES_DIR  # noqa: E402
 
 #: Small pages, so a handful of rows already paginates.

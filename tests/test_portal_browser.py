@@ -35,7 +35,7 @@ require_hub_tools(browser=CHROMIUM)
 from playwright import sync_api  # noqa: E402
 
 from medzone_hub import access, accounts, airlock  # noqa: E402
-from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.accounts import set_password  # noqa: E402
 from medzone_hub.runner import TEMPLATES_DIR, template_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -161,12 +161,12 @@ class StewardDecisionHandler(PortalHandler):
 
 
 class AccountDecisionHandler(PortalHandler):
-    """POST approve or discard a sign-up: :func:`medzone_hub.authenticator.decide_account`,
+    """POST approve or discard a sign-up: :func:`medzone_hub.accounts.decide_account`,
     the function (and the rule) behind the hub's own accounts page."""
 
     @requires(roles.STEWARD)
     def post(self, name: str, action: str):
-        from ..authenticator import decide_account
+        from ..accounts import decide_account
 
         db = self.portal.hub_db()
         try:

@@ -24,6 +24,7 @@ from traitlets import Integer, Unicode, default
 from traitlets.config import Application
 
 from ..config import MedZoneHome, resolve_home
+from ..db import open_store
 from . import SERVICE_NAME
 
 #: The portal's page templates and style sheet: package data, found in a wheel install too.
@@ -53,7 +54,7 @@ class Portal:
         """A session on the hub's database, where NativeAuthenticator keeps sign-ups (the
         accounts the steward queue approves); the caller closes it."""
         if self._hub_db_factory is None:
-            from ..authenticator import hub_db_factory
+            from ..accounts import hub_db_factory
 
             self._hub_db_factory = hub_db_factory(self.home)
         return self._hub_db_factory()
@@ -163,13 +164,12 @@ class PortalApp(Application):
             self.update_config(self.cli_config)
 
     def make_app(self) -> web.Application:
-        from ..db import connect
         from .runs import RunTracker
 
         home = resolve_home(self.medzone_home or None).ensure()
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
         base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
-        portal = Portal(home=home, store=connect(home.db_url), prefix=prefix,
+        portal = Portal(home=home, store=open_store(home), prefix=prefix,
                         hub_prefix=base_url + "hub/", base_url=base_url, templates=jinja_env(),
                         sandbox_config=sandbox_config_from(self.config),
                         templates_dir=self.templates_dir or None, page_size=self.page_size)

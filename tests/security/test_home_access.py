@@ -279,7 +279,7 @@ def hub():
 
     def setup(h):
         from medzone_hub import accounts
-        from medzone_hub.authenticator import set_password
+        from medzone_hub.accounts import set_password
 
         from ..hub_harness import PASSWORD
 

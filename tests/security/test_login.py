@@ -23,7 +23,8 @@ from ..hub_harness import PASSWORD, require_hub_tools, running_hub, wait_for, xs
 
 require_hub_tools()
 
-from medzone_hub.authenticator import LOGIN_FORM_EXPIRED, set_password  # noqa: E402
+from medzone_hub.accounts import set_password  # noqa: E402
+from medzone_hub.authenticator import LOGIN_FORM_EXPIRED  # noqa: E402
 
 RECORD = "password-work.log"
 USER_FAILURES = 3

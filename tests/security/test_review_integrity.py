@@ -30,7 +30,7 @@ from ..hub_harness import PASSWORD, login, require_hub_tools, running_hub
 require_hub_tools()
 
 from medzone_hub import accounts, airlock, previews  # noqa: E402
-from medzone_hub.authenticator import set_password  # noqa: E402
+from medzone_hub.accounts import set_password  # noqa: E402
 from medzone_hub.config import ENV_DB_URL, ENV_HOME  # noqa: E402
 
 USER = "alice"
