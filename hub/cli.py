@@ -228,7 +228,7 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
 # --- sandbox ---------------------------------------------------------------------------
 
 def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
-    from .sandbox import run_in_sandbox
+    from .sessions import run_in_sandbox
 
     command = list(args.cmd)
     if command[:1] == ["--"]:

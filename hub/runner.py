@@ -16,7 +16,7 @@
 5. copies the template into a new run folder in the user's home,
    ``/home/<user>/runs/<UTC timestamp>-<template>/`` (host:
    ``MEDZONE_HOME/homes/<user>/runs/…``), and runs papermill there **inside the user's
-   sandbox** (:func:`medzone_hub.sandbox.run_in_sandbox`: the same policy as the user's
+   sandbox** (:func:`medzone_hub.sessions.run_in_sandbox`: the same policy as the user's
    kernels, no network, ``/data`` holding only live grants). The run folder is the
    kernel's working directory and ``MEDZONE_RUN_DIR``: whatever the notebook writes
    (figures, metrics, models) lands next to the executed notebook ``<template>.ipynb``;
@@ -627,7 +627,8 @@ def run_template(
     """
     from . import audit
     from .access import live_grants
-    from .sandbox import build_policy, ensure_home, release_resources, run_in_sandbox
+    from .sandbox import ensure_home, release_resources
+    from .sessions import policy_for, run_in_sandbox
 
     path = find_template(template, templates_dir)
     stem = path.stem
@@ -646,7 +647,7 @@ def run_template(
                     f"user {user!r} holds no live grant for dataset {dataset_id!r} "
                     f"(parameter {name!r}; live grants: {held})")
         # The same policy the run gets: validates the account, gives the home's owner.
-        policy = build_policy(home, session, user, config=config, now=now)
+        policy = policy_for(home, session, user, config=config, now=now)
     release_resources(policy)  # run_in_sandbox reserves its own GPU, if any
     keep_template(home, data)
 

@@ -47,7 +47,7 @@ from jupyterhub.spawner import Spawner
 from tornado import web
 from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
-from . import sandbox
+from . import sandbox, sessions
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
@@ -63,17 +63,6 @@ SOCKET_INSIDE = "/run/medzone/jupyter.sock"
 #: the same path would make MEDZONE_HOME (as empty parent folders) visible inside.
 HUB_SOCKET_DIR_INSIDE = "/run/medzone-hub"
 SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
-
-def _proc_start_time(pid: int) -> int | None:
-    """The start time of *pid* (clock ticks since boot), to tell a pid from a reused one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
-
 
 def server_socket_path(home: MedZoneHome, user: str, server_name: str = "") -> Path:
     """The host path of *user*'s server socket (a short hashed name: unix socket paths are
@@ -358,37 +347,41 @@ class SafeZoneSpawner(Spawner):
             audit.append(session, actor="hub", action=action, subject=f"user:{self.user.name}",
                          detail=detail)
 
+    def _sandbox_process(self) -> sandbox.SandboxProcess | None:
+        """The running sandbox: the one this hub started, or rebuilt from the persisted
+        state (a restarted hub)."""
+        box = getattr(self, "_box", None)
+        if box is None and self.child_pid:
+            box = sandbox.SandboxProcess.from_state({
+                "child_pid": self.child_pid, "child_start": self.child_start,
+                "monitor_pid": self.keeper_pid, "cgroup": self.cgroup,
+                "gpu_registry": self.gpu_registry, "gpu_key": self.gpu_key})
+        return box
+
     def _alive(self) -> bool:
-        if not self.child_pid:
-            return False
-        start = _proc_start_time(self.child_pid)
-        return start is not None and (self.child_start is None or start == self.child_start)
+        box = self._sandbox_process() if self.child_pid else None
+        return box is not None and box.alive()
 
     # --- start ----------------------------------------------------------------------------
 
     def _prepare(self):
-        """Build the policy and the host-side folders (runs in a thread: it uses the store)."""
+        """Build the policy, reserve its GPU and make the host-side folders (runs in a
+        thread: it uses the store)."""
         home = self.home
         config = self.sandbox_config()
         key = f"hub:{self.user.name}:{self.name or ''}"
         with open_store(home).session() as session:
-            policy = sandbox.build_policy(home, session, self.user.name, config=config,
-                                          gpu_key=key)
-        sandbox.ensure_home(home, policy)
-        # The socket is bound here, by the hub, in its own folder: nothing in the home.
-        host_sock = server_socket_path(home, self.user.name, self.name or "")
-        listener = bind_server_socket(host_sock)
-        limits = None
-        if policy.memory_limit_bytes is not None or policy.cpu_limit is not None:
-            limits = sandbox.cgroup_limits_unavailable_reason(
-                sandbox.SandboxConfig(cgroup_parent=policy.cgroup_parent))
-        return home, policy, host_sock, listener, limits
-
-    def _cgroup_for(self, policy) -> Path | None:
-        path, reason = sandbox.sandbox_cgroup(policy)
-        if reason:
-            self.log.warning("%s: %s", self._log_name, reason)
-        return path
+            policy = sessions.policy_for(home, session, self.user.name, config)
+        sandbox.reserve_gpu(policy, key)
+        try:
+            sandbox.ensure_home(home, policy)
+            # The socket is bound here, by the hub, in its own folder: nothing in the home.
+            host_sock = server_socket_path(home, self.user.name, self.name or "")
+            listener = bind_server_socket(host_sock)
+        except BaseException:
+            sandbox.release_resources(policy)
+            raise
+        return home, policy, host_sock, listener
 
     @staticmethod
     def _secret_fd(env: dict) -> int:
@@ -398,7 +391,7 @@ class SafeZoneSpawner(Spawner):
     async def start(self):
         t0 = time.monotonic()
         try:
-            home, policy, host_sock, listener, limits = await asyncio.to_thread(self._prepare)
+            home, policy, host_sock, listener = await asyncio.to_thread(self._prepare)
         except (NotFound, RuleViolation) as err:
             self.log.warning("refusing a server for %s: %s", self.user.name, err)
             raise web.HTTPError(403, str(err)) from None
@@ -410,8 +403,6 @@ class SafeZoneSpawner(Spawner):
         if policy.memory_limit_bytes is None and policy.cpu_limit is None:
             self.log.info("%s: no memory/CPU limits configured (mem_limit, cpu_limit)",
                           self._log_name)
-        elif limits:
-            self.log.warning("%s: %s", self._log_name, limits)
         if policy.gpu:
             self.log.info("%s: GPU %s (CUDA_VISIBLE_DEVICES=%s)", self._log_name,
                           policy.gpu.path, policy.gpu.cuda_id)
@@ -439,47 +430,29 @@ class SafeZoneSpawner(Spawner):
             raise
         env["MEDZONE_SECRET_FD"] = str(secret_fd)
 
-        cgroup = None if limits else self._cgroup_for(policy)
         cmd = [*self.cmd, *self.get_args()]
         if cmd[0] == "python":
             cmd[0] = os.path.join(self.python_prefix or sys.prefix, "bin", "python")
-        read_end, write_end = os.pipe()
         try:
-            argv = sandbox.bwrap_argv(policy, cmd, info_fd=write_end,
-                                      extra_ro_binds=[hub_bind], extra_env=env,
-                                      cgroup=cgroup)
-            sandbox.check_reachable(policy, [hub_bind])
-            # The keeper shell stays the sandbox monitor's parent when the hub restarts
-            # (bubblewrap's --die-with-parent would otherwise end the server with the hub).
-            # The listening socket and the secrets' pipe are inherited by the server.
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", '"$@"', "medzone-sandbox", *argv,
-                pass_fds=(write_end, listener.fileno(), secret_fd), env={},
-                start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
-        except BaseException:
-            os.close(read_end)
-            sandbox.release_resources(policy, cgroup)
-            raise
+            # Under the keeper shell the server survives a hub restart. The listening
+            # socket and the secrets' pipe are inherited by the server.
+            box = await sandbox.start_sandboxed(
+                policy, cmd, extra_ro_binds=[hub_bind], extra_env=env,
+                pass_fds=(listener.fileno(), secret_fd), keeper=True,
+                stdin=asyncio.subprocess.DEVNULL)
+        except sandbox.SandboxError as err:
+            raise web.HTTPError(500, str(err)) from None
         finally:
-            os.close(write_end)
             os.close(secret_fd)
             listener.close()  # the server holds it now
-        try:
-            child = await asyncio.wait_for(
-                asyncio.to_thread(sandbox.read_info_fd, read_end), 30)
-        except (sandbox.SandboxError, asyncio.TimeoutError):
-            proc.kill()
-            rc = await proc.wait()
-            sandbox.release_resources(policy, cgroup)
-            raise web.HTTPError(500, f"the sandbox for {self.user.name} did not start "
-                                     f"(exit status {rc})") from None
-        if policy.gpu_key and policy.gpu_registry:
-            sandbox.GpuRegistry(policy.gpu_registry).set_owner(policy.gpu_key, proc.pid)
+        if box.cgroup_unavailable_reason:
+            self.log.warning("%s: %s", self._log_name, box.cgroup_unavailable_reason)
+        child, proc, cgroup = box.child_pid, box.process, box.cgroup
 
-        self._proc = proc
+        self._box = box
         self._policy = policy
         self.child_pid = child
-        self.child_start = _proc_start_time(child)
+        self.child_start = box.child_start
         self.keeper_pid = proc.pid
         self.socket_path = str(host_sock)
         self.mounted = sorted(policy.datasets)
@@ -539,24 +512,15 @@ class SafeZoneSpawner(Spawner):
         return None
 
     async def _kill(self, timeout: float = 10) -> None:
-        if not self._alive():
-            return
-        sandbox.kill_sandbox(self.child_pid)
-        deadline = time.monotonic() + timeout
-        while self._alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        box = self._sandbox_process()
+        if box is not None:
+            await box.stop(timeout)
 
     async def _cleanup(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None:
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
-                proc.kill()
-            self._proc = None
-        if self.gpu_key and self.gpu_registry:
-            sandbox.GpuRegistry(self.gpu_registry).release(self.gpu_key)
-        sandbox.remove_cgroup(self.cgroup or None)
+        box = self._sandbox_process()
+        if box is not None:
+            await box.finish()  # reaps the keeper (started here) and frees GPU and cgroup
+        self._box = None
         if self.socket_path:
             sock = Path(self.socket_path)
             # Only a socket in the hub's own folder: never a path in a home (servers started

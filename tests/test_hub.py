@@ -26,7 +26,8 @@ import websocket  # noqa: E402  (a test dependency: pip install -e '.[test]')
 from medzone_hub import access, accounts  # noqa: E402
 from medzone_hub.accounts import set_password  # noqa: E402
 from medzone_hub.hubapp import HubPaths, proxy_pid  # noqa: E402
-from medzone_hub.sandbox import build_policy, ensure_home  # noqa: E402
+from medzone_hub.sandbox import ensure_home  # noqa: E402
+from medzone_hub.sessions import policy_for  # noqa: E402
 
 from .hub_harness import (  # noqa: E402
     DATASET,
@@ -297,7 +298,7 @@ def test_escape_attempts_from_a_kernel_all_fail(hub):
     hub.add_store_user("eve")
     hub.add_store_user("grace")
     with hub.store.session() as session:  # grace's home exists on the host, with a file
-        grace_home = ensure_home(hub.home, build_policy(hub.home, session, "grace"))
+        grace_home = ensure_home(hub.home, policy_for(hub.home, session, "grace"))
     (grace_home / "private.txt").write_text("grace's notes\n")
     assert hub.spawn("eve").status_code in (201, 202), hub.log()
     token = hub.user_token("eve")

@@ -34,7 +34,6 @@ from medzone_hub.sandbox import (
     GpuRegistry,
     SandboxConfig,
     SandboxError,
-    build_policy,
     bwrap_argv,
     cgroup_limits_unavailable_reason,
     check_reachable,
@@ -46,9 +45,11 @@ from medzone_hub.sandbox import (
     nvidia_support_nodes,
     python_paths,
     remove_cgroup,
+    reserve_gpu,
     sandbox_cgroup,
     start_sandboxed,
 )
+from medzone_hub.sessions import policy_for
 
 from .fixtures import add_tiny_dataset
 
@@ -80,9 +81,13 @@ class SandboxZone:
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    def policy(self, user: str, **kwargs):
+    def policy(self, user: str, config=None, *, gpus=None, gpu_support_nodes=None,
+               gpu_registry=None, gpu_key=None):
+        """The policy the spawner builds: the service's, with a GPU reserved when allowed."""
         with self.store.session() as session:
-            return build_policy(self.home, session, user, **kwargs)
+            policy = policy_for(self.home, session, user, config)
+        return reserve_gpu(policy, gpu_key, gpus=gpus, support_nodes=gpu_support_nodes,
+                           registry=gpu_registry)
 
     def host(self, *parts) -> str:
         return str(self.home.root.joinpath(*parts))

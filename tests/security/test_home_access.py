@@ -252,7 +252,8 @@ def test_the_run_pages_never_read_through_links(zone):
 
 
 def test_ensure_home_does_not_follow_a_home_swapped_for_a_link(zone):
-    from medzone_hub.sandbox import SandboxError, build_policy, ensure_home
+    from medzone_hub.sandbox import SandboxError, ensure_home
+    from medzone_hub.sessions import policy_for
 
     target = zone.base / "rootonly-home"
     target.mkdir(mode=0o700)
@@ -262,7 +263,7 @@ def test_ensure_home_does_not_follow_a_home_swapped_for_a_link(zone):
 
         accounts.add_user(s, "eve", actor="test")
     with zone.store.session() as s:
-        policy = build_policy(zone.home, s, "eve")
+        policy = policy_for(zone.home, s, "eve")
     zone.home_of("eve").symlink_to(target)  # only root can do this (homes/ is root's)
     with pytest.raises(SandboxError, match="not a folder"):
         ensure_home(zone.home, policy)

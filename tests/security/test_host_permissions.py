@@ -29,7 +29,8 @@ import pytest
 
 from medzone_hub import access, accounts
 from medzone_hub.config import DATASET_GID_BASE, DATASET_GID_SPAN, ENV_DB_URL, ENV_HOME, MedZoneHome
-from medzone_hub.sandbox import SandboxConfig, build_policy, bwrap_argv
+from medzone_hub.sandbox import SandboxConfig, bwrap_argv
+from medzone_hub.sessions import policy_for
 
 from ..fixtures import add_tiny_dataset
 
@@ -108,7 +109,7 @@ class Zone:
 
     def policy(self, user: str):
         with self.store.session() as session:
-            return build_policy(self.home, session, user)
+            return policy_for(self.home, session, user)
 
 
 def as_account(uid: int, *cmd, groups: list[int] = ()) -> subprocess.CompletedProcess:

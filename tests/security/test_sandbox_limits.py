@@ -26,16 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from medzone_hub import access, accounts, seccomp
+from medzone_hub import access, accounts
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 from medzone_hub.sandbox import (
     SandboxConfig,
     SandboxError,
-    build_policy,
     bwrap_argv,
     cgroup1_parents,
     cgroup2_mount,
+    seccomp,
 )
+from medzone_hub.sessions import policy_for
 
 from ..fixtures import add_tiny_dataset
 
@@ -55,7 +56,8 @@ RUNNER = """
 import json, sys
 from medzone_hub.config import resolve_home
 from medzone_hub.db import connect
-from medzone_hub.sandbox import SandboxConfig, run_in_sandbox
+from medzone_hub.sandbox import SandboxConfig
+from medzone_hub.sessions import run_in_sandbox
 home = resolve_home()
 config = SandboxConfig(**json.loads(sys.argv[1]))
 sys.exit(run_in_sandbox(home, connect(home.db_url), sys.argv[2], sys.argv[3:], config=config))
@@ -178,7 +180,7 @@ class Zone:
 
     def policy(self, user: str, **kwargs):
         with self.store.session() as session:
-            return build_policy(self.home, session, user, **kwargs)
+            return policy_for(self.home, session, user, **kwargs)
 
 
 @pytest.fixture(scope="module")
