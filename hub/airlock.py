@@ -7,7 +7,7 @@ and add no rules of their own. Life of an export request::
        |                                  |                                                  |
        +--(screen: block)--> blocked      +--one reject--> rejected          (download again)+
 
-- :func:`request_export` copies the files, from the requester's home only, into a
+- :func:`submit_export` copies the files, from the requester's home only, into a
   quarantine folder ``MEDZONE_HOME/airlock/<id>/files/…`` (read-only, fsynced, staged and
   renamed into place), hashes them and screens the quarantine copy with the indexes of
   every dataset the requester has ever held a grant on or run a template over
@@ -20,7 +20,7 @@ and add no rules of their own. Life of an export request::
 - A request may carry a **disclosure-risk report** (:mod:`medzone_hub.risk_report`), a file
   from the same home, quarantined, hashed, screened and released with the others. A request
   holding model weights (the screen's ``model-weights`` rule) cannot be approved without one.
-- :func:`review_export`: reviewers hold the ``export-reviewer`` role (or are admins) and are
+- :func:`decide_export`: reviewers hold the ``export-reviewer`` role (or are admins) and are
   never the requester. A ``pass`` request needs one approval, a ``review`` request
   :data:`DEFAULT_REVIEW_APPROVALS` distinct ones (per dataset: :func:`set_review_approvals`;
   the strictest dataset of a request wins); a ``block`` request cannot be approved. One
@@ -687,34 +687,15 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
     return request
 
 
-def request_export(session: Session, home: MedZoneHome, *, user: str, paths: Iterable[str],
-                   reason: str, risk_report: str | None = None,
-                   now: datetime | None = None,
-                   limits: ExportLimits | None = None) -> ExportRequest:
-    """Quarantine, hash and screen *paths* from *user*'s home; the new request.
-
-    Everything happens in *session*'s transaction, which the caller commits; on SQLite
-    that holds the database's write lock while the files are copied and screened.
-    :func:`submit_export` does the same without holding it.
-    """
-    now = as_utc(now)
-    _reason_text(reason)
-    _requester(session, user)
-    staged = stage_export(home, user=user, paths=paths,
-                          dataset_ids=screening_datasets(session, user), risk_report=risk_report,
-                          limits=limits, quota_used=quarantine_bytes(session, user))
-    try:
-        return record_export(session, home, staged, reason=reason, now=now)
-    finally:
-        staged.close()
-
-
 def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
                   risk_report: str | None = None, now: datetime | None = None,
                   attempts: int = 3, limits: ExportLimits | None = None) -> int:
-    """:func:`request_export` in three steps: read the datasets to screen against and the
-    quarantine the requester holds, copy and screen with no transaction open, then record;
-    the new request's id (committed)."""
+    """Request the export of *paths* from *user*'s home; the new request's id (committed).
+
+    Three steps, so a large request does not hold the database's write lock: read the
+    datasets to screen against and the quarantine the requester holds, copy and screen
+    (:func:`stage_export`) with no transaction open, then record (:func:`record_export`);
+    if the grants changed meanwhile, screen again."""
     _reason_text(reason)
     paths = [paths] if isinstance(paths, str) else list(paths)
     for attempt in range(attempts):
@@ -777,6 +758,64 @@ def get_request(session: Session, request_id: int, *, lock: bool = False) -> Exp
     if request is None:
         raise NotFound(f"export request {request_id} does not exist")
     return request
+
+
+def get_own_request(session: Session, request_id: int, *, user: str) -> ExportRequest:
+    """*user*'s own request *request_id*: a requester sees their requests and nobody
+    else's; anyone else's reads as :class:`NotFound`, as if it did not exist."""
+    request = get_request(session, request_id)
+    if request.user.name != user:
+        raise NotFound(f"export request {request_id} does not exist")
+    return request
+
+
+def get_request_to_review(session: Session, request_id: int, *,
+                          reviewer: str) -> ExportRequest:
+    """Request *request_id* for *reviewer*'s eyes: :class:`RuleViolation` if it is their
+    own (requesters never preview their own quarantine: the download after approval is
+    their only way out)."""
+    request = get_request(session, request_id)
+    if request.user.name == reviewer:
+        raise RuleViolation("requesters do not preview their own requests")
+    return request
+
+
+def requests_of(session: Session, user: str) -> list[ExportRequest]:
+    """*user*'s export requests, newest first."""
+    return list(session.scalars(select(ExportRequest).join(User).where(User.name == user)
+                                .order_by(ExportRequest.id.desc())))
+
+
+@dataclasses.dataclass
+class ReviewQueue:
+    """What a reviewer's queue shows: the pending requests of others, the recently
+    decided ones of others, and the ids of the reviewer's own (which they never review)."""
+
+    pending: list[ExportRequest]
+    decided: list[ExportRequest]
+    own_ids: list[int]
+
+
+def review_queue(session: Session, reviewer: str, *, decided: int = 10) -> ReviewQueue:
+    """*reviewer*'s queue, newest first; at most *decided* decided requests."""
+    requests = list(session.scalars(select(ExportRequest).order_by(ExportRequest.id.desc())))
+    others = [r for r in requests if r.user.name != reviewer]
+    return ReviewQueue(pending=[r for r in others if r.state == "pending"],
+                       decided=[r for r in others if r.state != "pending"][:decided],
+                       own_ids=[r.id for r in requests if r.user.name == reviewer])
+
+
+def earlier_releases(session: Session, request: ExportRequest) -> list[ExportRequest]:
+    """The requester's earlier approved or released requests over the same datasets: what a
+    reviewer compares against to spot differencing (two safe outputs that subtract to a
+    disclosive one)."""
+    earlier = session.scalars(
+        select(ExportRequest).where(ExportRequest.user_id == request.user_id,
+                                    ExportRequest.id < request.id,
+                                    ExportRequest.state.in_(("approved", "released")))
+        .order_by(ExportRequest.id.desc()))
+    mine = set(request.dataset_ids or [])
+    return [r for r in earlier if not mine or mine & set(r.dataset_ids or [])]
 
 
 def approvals(request: ExportRequest) -> list[ExportReview]:
@@ -869,7 +908,7 @@ def _check_reviewer(session: Session, reviewer: str, request: ExportRequest) -> 
     return account
 
 
-def review_export(session: Session, request_id: int, *, reviewer: str, approve: bool,
+def record_review(session: Session, request_id: int, *, reviewer: str, approve: bool,
                   comment: str | None = None, now: datetime | None = None) -> ExportRequest:
     """Record *reviewer*'s decision; the request becomes ``approved`` once enough distinct
     reviewers approved it, ``rejected`` at the first rejection.
@@ -934,11 +973,12 @@ def record_refused_approval(session: Session, err: MissingRiskReport, *,
 
 def decide_export(store, request_id: int, *, reviewer: str, approve: bool,
                   comment: str | None = None, now: datetime | None = None) -> ExportRequest:
-    """:func:`review_export` in its own transaction; an approval refused for a missing
-    disclosure-risk report is audited (``export.refuse``) before the error is raised."""
+    """Record *reviewer*'s decision (:func:`record_review`) in its own transaction; an
+    approval refused for a missing disclosure-risk report is audited (``export.refuse``)
+    before the error is raised."""
     try:
         with store.session() as session:
-            return review_export(session, request_id, reviewer=reviewer, approve=approve,
+            return record_review(session, request_id, reviewer=reviewer, approve=approve,
                                  comment=comment, now=now)
     except MissingRiskReport as err:
         with store.session() as session:

@@ -30,7 +30,7 @@ from tornado import web
 from . import airlock
 from .config import MedZoneHome, resolve_home
 from .db import open_store
-from .errors import MedZoneError, NotFound
+from .errors import MedZoneError
 
 #: Keys a request body may have.
 REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
@@ -80,11 +80,7 @@ class _MedZoneAPIHandler(APIHandler):
 
     def _status(self, request_id: int, user: str) -> dict[str, Any]:
         with self.store.session() as session:
-            request = airlock.get_request(session, request_id)
-            if request.user.name != user:
-                # Someone else's request: answer as if it did not exist.
-                raise NotFound(f"export request {request_id} does not exist")
-            return airlock.status(request)
+            return airlock.status(airlock.get_own_request(session, request_id, user=user))
 
 
 class ExportsHandler(_MedZoneAPIHandler):

@@ -17,13 +17,11 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select
 from tornado import web
 
 from .. import airlock, previews
 from ..errors import MedZoneError
 from ..homefs import UserHome
-from ..models import ExportRequest, User
 from . import roles
 from .base import PortalHandler, paginate, requires
 
@@ -50,31 +48,13 @@ def home_files(fs: UserHome, limit: int = MAX_PICKER_FILES) -> list[dict]:
     return found[:limit]
 
 
-def user_requests(session, user: str) -> list[ExportRequest]:
-    return list(session.scalars(select(ExportRequest).join(User).where(User.name == user)
-                                .order_by(ExportRequest.id.desc())))
-
-
-def earlier_releases(session, request: ExportRequest) -> list[ExportRequest]:
-    """The requester's earlier approved or released requests over the same datasets: what a
-    reviewer compares against to spot differencing (two safe outputs that subtract to a
-    disclosive one)."""
-    earlier = session.scalars(
-        select(ExportRequest).where(ExportRequest.user_id == request.user_id,
-                                    ExportRequest.id < request.id,
-                                    ExportRequest.state.in_(("approved", "released")))
-        .order_by(ExportRequest.id.desc()))
-    mine = set(request.dataset_ids or [])
-    return [r for r in earlier if not mine or mine & set(r.dataset_ids or [])]
-
-
 class ExportsHandler(PortalHandler):
     """My export requests, and the form to file one from files in my home."""
 
     @requires()
     def get(self):
         with self.store.session() as session:
-            rows = [airlock.status(r) for r in user_requests(session, self.user_name)]
+            rows = [airlock.status(r) for r in airlock.requests_of(session, self.user_name)]
         files = home_files(UserHome.of(self.home, self.user_name))
         self.render_page("exports.html", page=paginate(rows, self.page_number(),
                                                        self.portal.page_size),
@@ -98,9 +78,7 @@ class ExportStatusHandler(PortalHandler):
     @requires()
     def get(self, request_id: str):
         with self.store.session() as session:
-            request = airlock.get_request(session, int(request_id))
-            if request.user.name != self.user_name:
-                raise web.HTTPError(404, f"export request {request_id} is not yours")
+            request = airlock.get_own_request(session, int(request_id), user=self.user_name)
             info = airlock.status(request)
         self.render_page("export_status.html", info=info)
 
@@ -150,13 +128,10 @@ class ReviewQueueHandler(PortalHandler):
     @requires(roles.REVIEWER)
     def get(self):
         with self.store.session() as session:
-            requests = list(session.scalars(select(ExportRequest)
-                                            .order_by(ExportRequest.id.desc())))
-            mine = [r.id for r in requests if r.user.name == self.user_name]
-            pending = [airlock.status(r) for r in requests
-                       if r.state == "pending" and r.user.name != self.user_name]
-            decided = [airlock.status(r) for r in requests
-                       if r.state != "pending" and r.user.name != self.user_name][:10]
+            queue = airlock.review_queue(session, self.user_name)
+            mine = queue.own_ids
+            pending = [airlock.status(r) for r in queue.pending]
+            decided = [airlock.status(r) for r in queue.decided]
         for row in pending:
             row["reviewed_by_me"] = any(rv["reviewer"] == self.user_name for rv in row["reviews"])
         self.render_page("review_queue.html",
@@ -182,7 +157,7 @@ class ReviewHandler(PortalHandler):
                 "info": info,
                 "report": airlock.screen_report(request),
                 "diffs": airlock.notebook_views(self.home, request, session),
-                "earlier": [airlock.status(r) for r in earlier_releases(session, request)],
+                "earlier": [airlock.status(r) for r in airlock.earlier_releases(session, request)],
                 "previews": [preview(self.home, request.id, f["path"]) for f in info["files"]],
             }
 
@@ -236,9 +211,8 @@ class PreviewFileHandler(PortalHandler):
     @requires(roles.REVIEWER)
     def get(self, request_id: str, rel: str):
         with self.store.session() as session:
-            request = airlock.get_request(session, int(request_id))
-            if request.user.name == self.user_name:
-                raise web.HTTPError(403, "requesters do not preview their own requests")
+            request = airlock.get_request_to_review(session, int(request_id),
+                                                    reviewer=self.user_name)
             paths = {f.path for f in request.files}
         suffix = PurePosixPath(rel).suffix.lower()
         if rel not in paths:

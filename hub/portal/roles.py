@@ -1,7 +1,7 @@
 """Which portal pages a person may open: read from the store's roles, nowhere else.
 
 The store is the one place roles live: ``medzone user add --role`` sets them, and
-:func:`medzone_hub.access.approve` and :func:`medzone_hub.airlock.review_export` check them
+:func:`medzone_hub.access.approve` and :func:`medzone_hub.airlock.decide_export` check them
 on every decision. Mirroring them into JupyterHub roles/scopes would make a second copy
 that can disagree (a role withdrawn in the store would still open the pages until the hub
 copy changed too), so pages ask the store on every request. The service functions still
