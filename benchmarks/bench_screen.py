@@ -272,7 +272,8 @@ def run() -> dict:
     from medzone_hub.db import connect
     from medzone_hub.demodata import generate_cohort
     from medzone_hub.ingest import ingest_dataset
-    from medzone_hub.screen import ScreenConfig, load_indexes, screen_bytes
+    from medzone_hub.indexes import load_indexes
+    from medzone_hub.screen import ScreenConfig, screen_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

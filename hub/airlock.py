@@ -39,13 +39,11 @@ staged folder whose owner died (its lock is free) is swept by the next request.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import secrets
-import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -56,7 +54,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, indexes, staging
 from .access import screening_datasets
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
@@ -86,21 +84,20 @@ _CHUNK = 1 << 20
 # --- places ------------------------------------------------------------------------------
 
 def airlock_dir(home: MedZoneHome) -> Path:
-    return home.root / "airlock"
+    return home.airlock_dir
 
 
 def staging_dir(home: MedZoneHome) -> Path:
-    # Same filesystem as the quarantine folders, so publishing is one rename().
-    return airlock_dir(home) / ".staging"
+    return home.airlock_staging_dir
 
 
 def quarantine_dir(home: MedZoneHome, request_id: int) -> Path:
     """``MEDZONE_HOME/airlock/<id>``: ``files/`` (what may leave) and the screen report."""
-    return airlock_dir(home) / str(int(request_id))
+    return home.quarantine_dir(request_id)
 
 
 def user_home(home: MedZoneHome, user: str) -> Path:
-    return home.root / "homes" / user
+    return home.user_home(user)
 
 
 
@@ -336,80 +333,16 @@ class _open_plain:
         os.close(self.fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _seal(folder: Path) -> None:
-    """Make *folder* read-only all the way down and flush its entries."""
-    for dirpath, _dirnames, _filenames in os.walk(folder, topdown=False):
-        _fsync_dir(Path(dirpath))
-        os.chmod(dirpath, DIR_MODE)
-
-
-def _remove_tree(folder: Path) -> None:
-    """Remove a (sealed) folder: make it writable first."""
-    if not os.path.lexists(folder):
-        return
-    for dirpath, dirnames, _filenames in os.walk(folder):
-        os.chmod(dirpath, 0o700)
-    shutil.rmtree(folder)
-
-
-class _Staging:
-    """A folder under ``airlock/.staging`` owned (flock) by this process while it lives.
-
-    The lock file is locked before it gets the name a sweeper looks for, so a sweeper
-    never sees an unlocked lock of a live owner.
-    """
-
-    def __init__(self, home: MedZoneHome):
-        home.root.mkdir(parents=True, exist_ok=True)
-        airlock_dir(home).mkdir(mode=0o700, exist_ok=True)
-        base = staging_dir(home)
-        base.mkdir(mode=0o700, exist_ok=True)
-        name = f"{os.getpid()}-{secrets.token_hex(8)}"
-        self.path = base / name
-        hidden = base / f".{name}.locking"
-        self._lock = open(hidden, "x")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self._lock_path = base / f"{name}.lock"
-        os.rename(hidden, self._lock_path)
-        self.path.mkdir(mode=0o700)
-
-    def close(self) -> None:
-        _remove_tree(self.path)
-        self._lock_path.unlink(missing_ok=True)
-        self._lock.close()
+def _new_staging(home: MedZoneHome) -> staging.StagedFolder:
+    """A folder under ``airlock/.staging`` owned (flock) by this process while it lives."""
+    home.root.mkdir(parents=True, exist_ok=True)
+    airlock_dir(home).mkdir(mode=0o700, exist_ok=True)
+    return staging.stage(staging_dir(home))
 
 
 def sweep_staging(home: MedZoneHome) -> list[str]:
     """Remove staged folders whose owner died before publishing them; their names."""
-    base = staging_dir(home)
-    if not base.is_dir():
-        return []
-    swept = []
-    for hidden in base.glob(".*.locking"):  # its owner died before naming its lock
-        with open(hidden, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            hidden.unlink(missing_ok=True)
-    for lock_path in sorted(base.glob("*.lock")):
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its owner is alive and still staging
-            _remove_tree(base / lock_path.stem)
-            lock_path.unlink(missing_ok=True)
-            swept.append(lock_path.stem)
-    return swept
+    return staging.sweep(staging_dir(home))
 
 
 # --- the screen --------------------------------------------------------------------------
@@ -419,9 +352,9 @@ def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
     """Screen the quarantined files; (per-file results in *rel_paths* order, settings)."""
     from . import screen
 
-    config = screen.ScreenConfig()
-    indexes = screen.load_indexes(home, list(dataset_ids)) if dataset_ids else ()
-    verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=indexes,
+    config = screen_config or screen.ScreenConfig()  # the hub config's, when a face gives it
+    loaded = indexes.load_indexes(home, dataset_ids) if dataset_ids else ()
+    verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=loaded,
                                    config=config, root=files_root)
     by_path: dict[str, dict[str, Any]] = {}
     for verdict in verdicts:
@@ -543,7 +476,7 @@ class StagedExport:
     settings: dict[str, Any]
     report: str
     verdict: str
-    staging: _Staging
+    staging: staging.StagedFolder
     #: Path (relative to the home, one of the files) of the disclosure-risk report, if any.
     risk_report: str | None = None
     limits: ExportLimits | None = None
@@ -581,9 +514,9 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
         budget.spent += size
     budget.spent = 0
     sweep_staging(home)
-    staging = _Staging(home)
+    staged = _new_staging(home)
     try:
-        files_root = staging.path / "files"
+        files_root = staged.path / "files"
         files_root.mkdir()
         hashes: dict[str, tuple[str, int]] = {}
         for rel in rel_paths:
@@ -595,15 +528,15 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
         results, settings = _screen(files_root, rel_paths, home, dataset_ids)
         add_preview_findings(results)  # a file the review page cannot show needs a download
         report = audit.canonical_json({"files": results})
-        (staging.path / "screen.json").write_text(report, encoding="utf-8")
-        os.chmod(staging.path / "screen.json", FILE_MODE)
-        _seal(staging.path)
+        (staged.path / "screen.json").write_text(report, encoding="utf-8")
+        os.chmod(staged.path / "screen.json", FILE_MODE)
+        staging.seal(staged.path, dir_mode=DIR_MODE)
     except BaseException:
-        staging.close()
+        staged.close()
         raise
     return StagedExport(user=user, dataset_ids=list(dataset_ids), results=results,
                         hashes=hashes, settings=settings, report=report,
-                        verdict=overall_verdict(r["verdict"] for r in results), staging=staging,
+                        verdict=overall_verdict(r["verdict"] for r in results), staging=staged,
                         risk_report=report_rel, limits=limits)
 
 
@@ -669,7 +602,7 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
     ]
     session.add(request)
     session.flush()  # the id names the quarantine folder
-    _publish(home, staged.staging.path, request.id)
+    _publish(home, staged.staging, request.id)
     _remove_if_rolled_back(session, home, request.id)
     audit.append(
         session, actor=staged.user, action="export.request", subject=_subject(request.id),
@@ -716,16 +649,10 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
     raise AssertionError("unreachable")
 
 
-def _publish(home: MedZoneHome, staged: Path, request_id: int) -> None:
-    final = quarantine_dir(home, request_id)
-    if os.path.lexists(final):
-        # No committed row has this id (we hold the row it would clash with): a crash
-        # left it behind after the rename and before the commit. Nothing points to it.
-        _remove_tree(final)
-    os.chmod(staged, 0o700)
-    os.rename(staged, final)
-    os.chmod(final, DIR_MODE)
-    _fsync_dir(final.parent)
+def _publish(home: MedZoneHome, staged: staging.StagedFolder, request_id: int) -> None:
+    # No committed row has this id (we hold the row it would clash with): a folder already
+    # there is what a crash left after the rename and before the commit; nothing points to it.
+    staged.publish(quarantine_dir(home, request_id), mode=DIR_MODE)
 
 
 def _remove_if_rolled_back(session: Session, home: MedZoneHome, request_id: int) -> None:
@@ -740,7 +667,7 @@ def _remove_if_rolled_back(session: Session, home: MedZoneHome, request_id: int)
     def on_rollback(_session, previous_transaction):
         if not settled and previous_transaction.parent is None:
             settled.append(False)
-            _remove_tree(quarantine_dir(home, request_id))
+            staging.remove_tree(quarantine_dir(home, request_id))
 
     event.listen(session, "after_commit", on_commit)
     event.listen(session, "after_soft_rollback", on_rollback)
@@ -1120,7 +1047,7 @@ def write_release(home: MedZoneHome, request: ExportRequest, record: dict[str, A
             os.rename(tmp, final)
             written.append(final)
         for folder in {final.parent for _tmp, final in staged}:
-            _fsync_dir(folder)
+            staging.fsync_dir(folder)
     except BaseException:
         for tmp, _final in staged:
             Path(tmp).unlink(missing_ok=True)

@@ -17,10 +17,16 @@ ENV_DB_URL = "MEDZONE_DB_URL"
 DATASET_GID_BASE = 300000
 DATASET_GID_SPAN = 1 << 20
 
+#: A dataset's folder (published, or staged by ingest): the stored copy, its screening
+#: index (root only) and its manifest.
+DATASET_DATA, DATASET_INDEX, DATASET_MANIFEST = "data", "index", "manifest.json"
+
 
 @dataclass(frozen=True)
 class MedZoneHome:
-    """The state directory; every path MedZone writes is derived from here."""
+    """The state directory; every path MedZone writes is derived from here: this class is
+    the one map of the zone's host paths (what a sandbox sees inside is
+    :mod:`medzone_kernel.contract`)."""
 
     root: Path
 
@@ -34,15 +40,83 @@ class MedZoneHome:
 
     @property
     def staging_dir(self) -> Path:
-        # Same filesystem as datasets_dir so that publishing is one rename().
+        """Ingest's staging (:mod:`medzone_hub.staging`): same filesystem as datasets_dir
+        so that publishing is one rename()."""
         return self.datasets_dir / ".staging"
 
     @property
     def secrets_dir(self) -> Path:
         return self.root / "secrets"
 
+    # people's homes ----------------------------------------------------------------------
+
+    @property
+    def homes_dir(self) -> Path:
+        """Root's folder of homes: each sandbox sees its own as ``/home/<user>``."""
+        return self.root / "homes"
+
+    def user_home(self, user: str) -> Path:
+        """*user*'s home as the host sees it (read it only through
+        :class:`~medzone_hub.homefs.UserHome`)."""
+        return self.homes_dir / user
+
+    # the export airlock ------------------------------------------------------------------
+
+    @property
+    def airlock_dir(self) -> Path:
+        return self.root / "airlock"
+
+    @property
+    def airlock_staging_dir(self) -> Path:
+        # Same filesystem as the quarantine folders, so publishing is one rename().
+        return self.airlock_dir / ".staging"
+
+    def quarantine_dir(self, request_id: int) -> Path:
+        """An export request's quarantine: ``files/`` (what may leave) and the screen report."""
+        return self.airlock_dir / str(int(request_id))
+
+    # the hub, its sandboxes and its runs -------------------------------------------------
+
+    @property
+    def hub_state_dir(self) -> Path:
+        """JupyterHub's database, secrets, the proxy's files and the servers' sockets."""
+        return self.root / "hub"
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets that sandboxes reach (the hub API's folder is bound into each)."""
+        return self.root / "run"
+
+    @property
+    def hub_socket_dir(self) -> Path:
+        return self.run_dir / "hub"
+
+    @property
+    def sandbox_state_dir(self) -> Path:
+        return self.root / "sandbox"
+
+    @property
+    def run_templates_dir(self) -> Path:
+        """The hub's copy of each template version run (root only; never in a sandbox)."""
+        return self.root / "run-templates"
+
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.datasets_dir / dataset_id
+
+    def dataset_data_dir(self, dataset_id: str) -> Path:
+        """The stored copy: what a sandbox sees as ``/data/<dataset_id>``."""
+        return self.dataset_dir(dataset_id) / DATASET_DATA
+
+    def dataset_index_dir(self, dataset_id: str) -> Path:
+        """The dataset's screening index (root only)."""
+        return self.dataset_dir(dataset_id) / DATASET_INDEX
+
+    def dataset_manifest_path(self, dataset_id: str) -> Path:
+        return self.dataset_dir(dataset_id) / DATASET_MANIFEST
+
+    @property
+    def screening_index_key_path(self) -> Path:
+        return self.secrets_dir / "screening-index.key"
 
     @property
     def db_url(self) -> str:

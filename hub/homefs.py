@@ -76,7 +76,7 @@ class UserHome:
         from .accounts import validate_user_name
 
         validate_user_name(user)
-        path = Path(home.root) / "homes" / user
+        path = home.user_home(user)
         try:
             fd = os.open(path, _DIR_FLAGS)
         except OSError:

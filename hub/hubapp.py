@@ -67,7 +67,7 @@ class HubPaths:
 
     @property
     def state_dir(self) -> Path:
-        return self.home.root / "hub"
+        return self.home.hub_state_dir
 
     @property
     def db_path(self) -> Path:
@@ -108,11 +108,11 @@ class HubPaths:
 
     @property
     def run_dir(self) -> Path:
-        return self.home.root / "run"
+        return self.home.run_dir
 
     @property
     def hub_socket_dir(self) -> Path:
-        return self.run_dir / "hub"
+        return self.home.hub_socket_dir
 
     @property
     def hub_socket(self) -> Path:

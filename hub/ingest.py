@@ -20,11 +20,14 @@ from pathlib import Path, PurePosixPath
 
 import ahocorasick
 
-from .config import DATASET_GID_BASE, DATASET_GID_SPAN, MedZoneHome
+from . import staging
+from .config import (DATASET_DATA, DATASET_GID_BASE, DATASET_GID_SPAN, DATASET_INDEX,
+                     DATASET_MANIFEST, MedZoneHome)
 from .errors import Conflict, IngestRefused, InvalidInput, MedZoneError
+from .indexes import screening_index_key
 from .deid.dicom import clear_caches as clear_deid_caches
 from .manifest import ManifestBuilder
-from .processes import pid_alive
+from .screen.index import InvalidIndex
 
 SUPPORTED = "DICOM files, CSV tables and NIfTI images"
 ENV_KEY_FILE = "MEDZONE_PSEUDONYM_KEY_FILE"
@@ -107,16 +110,6 @@ def read_pseudonym_key(home: MedZoneHome, key_file: str | os.PathLike | None) ->
     return key.strip()
 
 
-def screening_index_key(home: MedZoneHome) -> bytes:
-    """The zone's own key for the screening index's hashes (created once, mode 0600)."""
-    path = home.ensure().secrets_dir / "screening-index.key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-    return path.read_bytes()
-
-
 # --- reading sources -------------------------------------------------------------------
 
 def _classify(path: Path) -> str | None:
@@ -196,16 +189,6 @@ def read_nifti(src: SourceFile):
     return img
 
 
-# --- the staged copy -------------------------------------------------------------------
-
-def _make_read_only(root: Path) -> None:
-    # Owner only while staged; seal_dataset gives the dataset's group access on publish.
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o400)
-        os.chmod(dirpath, 0o500)
-
-
 # --- host permissions of a stored dataset ----------------------------------------------
 
 #: Modes of a sealed dataset (owner root, group the dataset's own): the stored copy and its
@@ -269,7 +252,8 @@ def seal_dataset(home: MedZoneHome, dataset_id: str) -> int | None:
         os.chmod(path, mode)
 
     for dirpath, dirnames, filenames in os.walk(root):
-        index = Path(dirpath) == root / "index" or (root / "index") in Path(dirpath).parents
+        index_dir = home.dataset_index_dir(dataset_id)
+        index = Path(dirpath) == index_dir or index_dir in Path(dirpath).parents
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.islink(path):
@@ -311,26 +295,6 @@ def seal_datasets(home: MedZoneHome) -> list[str]:
     return repaired
 
 
-def remove_tree(path: Path) -> None:
-    """rmtree that also removes read-only stored datasets (as a non-root user)."""
-    if not path.exists():
-        return
-    for dirpath, _, _ in os.walk(path):
-        os.chmod(dirpath, stat.S_IRWXU)
-    shutil.rmtree(path)
-
-
-def _clean_stale_staging(home: MedZoneHome) -> None:
-    """Remove staging folders whose ingest process died (killed, power loss)."""
-    if not home.staging_dir.exists():
-        return
-    for entry in home.staging_dir.iterdir():
-        try:
-            pid = int((entry / ".pid").read_text())
-        except (OSError, ValueError):
-            pid = None
-        if not pid_alive(pid):
-            remove_tree(entry)
 
 
 # --- de-identification of paths and the final byte check -------------------------------
@@ -407,7 +371,7 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
     if one_off_key:
         pseudonym_key = secrets.token_bytes(32)
 
-    _clean_stale_staging(home)
+    staging.sweep(home.staging_dir)  # what ingests killed (or a power loss) left
     stager = _Staging(home, dataset_id, title or dataset_id,
                       Pseudonymizer(pseudonym_key) if deidentify else None,
                       screening_index_key(home))
@@ -428,12 +392,9 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
                              n_patients=totals["patients"], modalities=totals["modalities"],
                              actor=actor)
             session.flush()
-            if final.exists():
-                # No row names it (checked above), so it is what an interrupted publish left.
-                remove_tree(final)
-            os.rename(stager.root, final)
-            published = final
-            (final / ".pid").unlink()
+            # A folder already at *final* is what an interrupted publish left: no row
+            # names it (checked above).
+            published = stager.folder.publish(final)
             seal_dataset(home, dataset_id)
         published = None  # committed: nothing to undo
     except OSError as err:
@@ -442,8 +403,8 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
         raise
     finally:
         if published is not None:
-            remove_tree(published)
-        remove_tree(stager.root)
+            staging.remove_tree(published)
+        stager.folder.close()
         clear_deid_caches()  # they hold original header text
 
     seconds = time.perf_counter() - started
@@ -468,12 +429,9 @@ class _Staging:
         from .deid.profile import profile_description
         from .screen.index import ScreeningIndexBuilder
 
-        home.staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(home.staging_dir, 0o700)
-        self.root = home.staging_dir / f"{dataset_id}-{secrets.token_hex(4)}"
-        self.root.mkdir()
-        (self.root / ".pid").write_text(str(os.getpid()))
-        self.data = self.root / "data"
+        self.folder = staging.stage(home.staging_dir, dataset_id)
+        self.root = self.folder.path
+        self.data = self.root / DATASET_DATA
         self.data.mkdir()
         self.pz = pz
         self.manifest = ManifestBuilder(dataset_id, title, pz is not None,
@@ -484,7 +442,11 @@ class _Staging:
         self.patient_ids: set[str] = set()      # original patient ids: folders get pseudonyms
 
     def add(self, src: SourceFile) -> None:
-        {"table": self._add_table, "dicom": self._add_dicom, "nifti": self._add_nifti}[src.kind](src)
+        try:
+            {"table": self._add_table, "dicom": self._add_dicom,
+             "nifti": self._add_nifti}[src.kind](src)
+        except InvalidIndex as err:  # e.g. an image the fingerprints cannot take
+            raise InvalidInput(str(err)) from None
 
     def _target(self, rel: PurePosixPath) -> Path:
         if self.pz is not None:
@@ -568,11 +530,10 @@ class _Staging:
                 raise IngestRefused(
                     f"de-identification could not remove every identifier; nothing was stored "
                     f"({len(self.findings)} findings)", self.findings)
-        self.index.write(self.root / "index")
-        result = self.manifest.write(self.root / "manifest.json")
-        # Everything but the top folder is sealed now; the top keeps its .pid (so that no
-        # other ingest takes it for stale) until it is in place.
-        _make_read_only(self.data)
-        _make_read_only(self.root / "index")
-        os.chmod(self.root / "manifest.json", 0o400)
+        self.index.write(self.root / DATASET_INDEX)
+        result = self.manifest.write(self.root / DATASET_MANIFEST)
+        # Owner only while staged; seal_dataset gives the dataset's group access on publish.
+        staging.seal(self.data, dir_mode=0o500, file_mode=0o400)
+        staging.seal(self.root / DATASET_INDEX, dir_mode=0o500, file_mode=0o400)
+        os.chmod(self.root / DATASET_MANIFEST, 0o400)
         return result

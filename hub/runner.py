@@ -64,6 +64,8 @@ from typing import Any
 
 from .config import MedZoneHome
 from .homefs import UserHome
+from medzone_kernel import contract
+
 from .manifest import sha256_file
 from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
 
@@ -72,7 +74,7 @@ from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
 TEMPLATES_DIR = Path(str(resources.files("medzone_templates")))
 
 #: Environment variable naming the run folder inside the sandbox.
-RUN_DIR_ENV = "MEDZONE_RUN_DIR"
+RUN_DIR_ENV = contract.ENV_RUN_DIR
 
 #: Name of the copy of the template kept in each run folder (the diff base for export).
 TEMPLATE_COPY = "template.ipynb"
@@ -86,7 +88,7 @@ CELL_FAILED = 3
 
 #: Where a run's hub-written kernel folder (kernel spec, Jupyter configuration, IPython
 #: profile) is bound read-only inside its sandbox.
-KERNEL_INSIDE = "/run/medzone/kernel"
+KERNEL_INSIDE = contract.KERNEL_INSIDE
 #: The run's writable scratch (IPython's profile copy, Jupyter runtime, matplotlib cache):
 #: inside the run's own private ``/tmp``, which only this run's processes see.
 SCRATCH_INSIDE = "/tmp/medzone-run"
@@ -404,7 +406,7 @@ def _timestamp(now: datetime | None = None) -> str:
 def template_store(home: MedZoneHome) -> Path:
     """``MEDZONE_HOME/run-templates``: one root-only file per template version run,
     named by its sha256. Never bound into a sandbox."""
-    return home.root / "run-templates"
+    return home.run_templates_dir
 
 
 def keep_template(home: MedZoneHome, data: bytes) -> str:

@@ -47,7 +47,10 @@ from jupyterhub.spawner import Spawner
 from tornado import web
 from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
-from . import sandbox, sessions
+from medzone_kernel import contract
+
+from . import sandbox
+from . import sessions
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
@@ -55,13 +58,13 @@ from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
 
 #: The path the server's socket has inside the sandbox: a name only (the server is handed
 #: the socket already bound, as a descriptor; no such file exists inside).
-SOCKET_INSIDE = "/run/medzone/jupyter.sock"
+SOCKET_INSIDE = contract.JUPYTER_SOCKET_INSIDE
 #: Secrets for the server travel on a pipe the sandbox inherits rather than on the command
 #: line (bubblewrap's ``--setenv`` arguments are visible in the host's process list) or in
 #: a file (the home is the user's).
 #: Where the hub's socket folder appears inside a sandbox. Not its host path: binding it at
 #: the same path would make MEDZONE_HOME (as empty parent folders) visible inside.
-HUB_SOCKET_DIR_INSIDE = "/run/medzone-hub"
+HUB_SOCKET_DIR_INSIDE = contract.HUB_SOCKET_DIR_INSIDE
 SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
 
 def server_socket_path(home: MedZoneHome, user: str, server_name: str = "") -> Path:

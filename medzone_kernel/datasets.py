@@ -19,10 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-ENV_DATA = "MEDZONE_DATA"
-ENV_MANIFESTS = "MEDZONE_MANIFESTS"
-DEFAULT_DATA = "/data"
-DEFAULT_MANIFESTS = "/run/medzone/manifests"
+from .contract import DATA_INSIDE as DEFAULT_DATA
+from .contract import ENV_DATA, ENV_MANIFESTS
+from .contract import MANIFESTS_INSIDE as DEFAULT_MANIFESTS
 
 #: Modalities that are projection radiographs (chest X-rays).
 XRAY_MODALITIES = ("CR", "DX")

@@ -343,9 +343,9 @@ def test_absolute_paths_inside_the_home_and_folders(zone):
 
 
 def test_per_dataset_review_approvals(zone, monkeypatch):
-    from medzone_hub import screen
+    from medzone_hub import indexes
 
-    monkeypatch.setattr(screen, "load_indexes", lambda home, ids: ())
+    monkeypatch.setattr(indexes, "load_indexes", lambda home, ids: ())
     with zone.store.session() as s:
         add_tiny_dataset(s, zone.home, "ct-demo")
         add_tiny_dataset(s, zone.home, "xr-demo")

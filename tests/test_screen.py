@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medzone_hub.screen import (RULES, FileVerdict, ScreenConfig, load_indexes, screen_bytes,
+from medzone_hub.indexes import load_indexes
+from medzone_hub.screen import (RULES, FileVerdict, ScreenConfig, screen_bytes,
                                 screen_paths)
 from medzone_hub.screen.recognizers import find_identifiers
 

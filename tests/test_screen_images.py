@@ -11,9 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medzone_hub.errors import InvalidInput
 from medzone_hub.screen.images import check_image
-from medzone_hub.screen.index import ScreeningIndex, ScreeningIndexBuilder
+from medzone_hub.screen.index import InvalidIndex, ScreeningIndex, ScreeningIndexBuilder
 from medzone_hub.screen.model import Collector, ScreenConfig
 
 KEY = b"image-screening-test-key-0123456789"
@@ -220,5 +219,5 @@ def test_an_index_of_an_older_version_is_refused_with_a_clear_error(index, cohor
     document = json.loads((directory / "index.json").read_text())
     document["version"] = 1
     (directory / "index.json").write_text(json.dumps(document))
-    with pytest.raises(InvalidInput, match="version 1.*add the dataset again"):
+    with pytest.raises(InvalidIndex, match="version 1.*add the dataset again"):
         ScreeningIndex.load(directory, KEY)

@@ -68,7 +68,7 @@ def dataset_stats(home, dataset) -> dict:
     stats = {"patients": dataset.n_patients, "series": None, "images": None,
              "files": dataset.n_files, "bytes": dataset.n_bytes}
     try:
-        manifest = json.loads((home.dataset_dir(dataset.id) / "manifest.json").read_text())
+        manifest = json.loads(home.dataset_manifest_path(dataset.id).read_text())
     except (OSError, ValueError):
         return stats
     series = manifest.get("series") if isinstance(manifest, dict) else None

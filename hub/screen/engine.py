@@ -472,20 +472,4 @@ def screen_paths(paths, *, indexes: Sequence = (), config: ScreenConfig = _DEFAU
     return [screen_path(p, indexes=indexes, config=config, root=root) for p in _expand(paths)]
 
 
-def load_indexes(home, dataset_ids) -> list:
-    """The screening indexes of these datasets (``MEDZONE_HOME/datasets/<id>/index``)."""
-    from ..errors import InvalidInput
-    from ..ingest import screening_index_key
-    from .index import ScreeningIndex
-
-    key = screening_index_key(home)
-    out = []
-    for dataset_id in dataset_ids:
-        directory = home.dataset_dir(dataset_id) / "index"
-        if not directory.is_dir():
-            raise InvalidInput(f"dataset {dataset_id!r} has no screening index")
-        out.append(ScreeningIndex.load(directory, key))
-    return out
-
-
-__all__ = ["screen_bytes", "screen_path", "screen_paths", "load_indexes"]
+__all__ = ["screen_bytes", "screen_path", "screen_paths"]

@@ -32,7 +32,6 @@ from PIL import Image
 from scipy import ndimage
 from scipy.fft import dctn
 
-from ..errors import InvalidInput
 from .recognizers import (COLUMN_ACCESSION, COLUMN_DATE, COLUMN_PATIENT_ID, COLUMN_UID,
                           classify_column_name, looks_like_uid, parse_date)
 
@@ -40,6 +39,11 @@ FORMAT = "medzone-screening-index"
 FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 FINGERPRINTS_FILE = "fingerprints.npz"
+
+
+class InvalidIndex(ValueError):
+    """A key, image or index folder the screening index cannot use; ``str(err)`` is the one
+    line a person sees (the hub side reports it as its own invalid-input error)."""
 
 PATIENT_ID, ACCESSION, UID, DATE, TEXT = "patient_id", "accession", "uid", "date", "text"
 KINDS = (PATIENT_ID, ACCESSION, UID, DATE, TEXT)
@@ -97,7 +101,7 @@ def normalize_identifier(value) -> str:
 
 def _derive(key: bytes, purpose: bytes) -> bytes:
     if not isinstance(key, (bytes, bytearray)) or len(key) < 16:
-        raise InvalidInput("the screening index key must be at least 16 bytes")
+        raise InvalidIndex("the screening index key must be at least 16 bytes")
     return hmac.new(bytes(key), b"medzone screening index v1: " + purpose,
                     hashlib.sha256).digest()
 
@@ -144,7 +148,7 @@ def _gray(pixels: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].astype(np.float32).mean(axis=-1)
     if arr.ndim != 2 or min(arr.shape) < 2:
-        raise InvalidInput("an image fingerprint needs a 2-D (or RGB) image")
+        raise InvalidIndex("an image fingerprint needs a 2-D (or RGB) image")
     if arr.dtype.kind not in "iuf":
         arr = arr.astype(np.float32)
     return arr
@@ -570,11 +574,11 @@ class ScreeningIndex:
             document = json.loads((directory / INDEX_FILE).read_text())
             arrays = np.load(directory / FINGERPRINTS_FILE, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise InvalidInput(f"{directory}: not a readable screening index ({err})") from None
+            raise InvalidIndex(f"{directory}: not a readable screening index ({err})") from None
         if document.get("format") != FORMAT:
-            raise InvalidInput(f"{directory}: unsupported screening index format")
+            raise InvalidIndex(f"{directory}: unsupported screening index format")
         if document.get("version") != FORMAT_VERSION:
-            raise InvalidInput(
+            raise InvalidIndex(
                 f"{directory}: screening index version {document.get('version')}, this "
                 f"MedZone reads version {FORMAT_VERSION}: add the dataset again to rebuild it")
         values = {kind: set(document["identifiers"].get(kind, [])) for kind in KINDS}

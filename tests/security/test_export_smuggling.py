@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medzone_hub.screen import load_indexes, screen_paths
+from medzone_hub.indexes import load_indexes
+from medzone_hub.screen import screen_paths
 
 from ..screen_corpus import dataset_facts
 

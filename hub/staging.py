@@ -1,0 +1,127 @@
+"""Staging: fill a private folder, seal it, publish it by one rename; sweep what a killed
+process left.
+
+A staged folder ``BASE/<name>`` is owned by the process holding an exclusive ``flock`` on
+``BASE/<name>.lock`` (the kernel drops the lock when its owner dies, however it dies, so
+no pid is ever guessed). The lock file is locked under a hidden name first and only then
+given the name a sweeper looks for, so a sweeper never sees an unlocked lock of a live
+owner. ``BASE`` must be on the same filesystem as where folders are published, so that
+publishing is one ``rename()``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, sealed (read-only) or not: make it writable first."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        os.unlink(path)
+        return
+    for dirpath, _dirnames, _filenames in os.walk(path):
+        os.chmod(dirpath, 0o700)
+    shutil.rmtree(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(folder: Path, *, dir_mode: int, file_mode: int | None = None) -> None:
+    """Make *folder* read-only all the way down (files *file_mode* when given, folders
+    *dir_mode*) and flush its entries."""
+    for dirpath, _dirnames, filenames in os.walk(folder, topdown=False):
+        if file_mode is not None:
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), file_mode)
+        fsync_dir(Path(dirpath))
+        os.chmod(dirpath, dir_mode)
+
+
+class StagedFolder:
+    """``BASE/<label>-<random>``, private (0700) and owned by this process until
+    :meth:`close`; use it as a context manager or call :meth:`close` in a ``finally``."""
+
+    def __init__(self, base: Path, label: str | None = None):
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(base, 0o700)
+        name = f"{label or os.getpid()}-{secrets.token_hex(8)}"
+        self.path = base / name
+        hidden = base / f".{name}.locking"
+        self._lock = open(hidden, "x")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._lock_path = base / f"{name}.lock"
+        os.rename(hidden, self._lock_path)
+        self.path.mkdir(mode=0o700)
+
+    def publish(self, final: Path, *, mode: int | None = None) -> Path:
+        """Rename the folder to *final* (replacing what a crash left there: the caller
+        knows nothing points to it) and flush the rename; *final*'s mode becomes *mode*."""
+        if os.path.lexists(final):
+            remove_tree(final)
+        os.chmod(self.path, 0o700)  # a sealed folder cannot move to another parent
+        os.rename(self.path, final)
+        if mode is not None:
+            os.chmod(final, mode)
+        fsync_dir(final.parent)
+        return final
+
+    def close(self) -> None:
+        """Remove what was not published, then release the folder's name."""
+        remove_tree(self.path)
+        self._lock_path.unlink(missing_ok=True)
+        self._lock.close()
+
+    def __enter__(self) -> "StagedFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stage(base: Path, label: str | None = None) -> StagedFolder:
+    """A new private folder under *base*, owned by this process."""
+    return StagedFolder(base, label)
+
+
+def sweep(base: Path) -> list[str]:
+    """Remove staged folders under *base* whose owner died before publishing them; their
+    names. Folders of live owners are left alone."""
+    if not base.is_dir():
+        return []
+    swept = []
+    for hidden in base.glob(".*.locking"):  # its owner died before naming its lock
+        with open(hidden, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            hidden.unlink(missing_ok=True)
+    for lock_path in sorted(base.glob("*.lock")):
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive and still staging
+            remove_tree(base / lock_path.stem)
+            lock_path.unlink(missing_ok=True)
+            swept.append(lock_path.stem)
+    for entry in sorted(base.iterdir()):
+        # A live owner names its lock before making its folder and removes its folder
+        # before its lock: a folder with no lock is an orphan (e.g. of an older release).
+        if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith(".") \
+                and not (base / f"{entry.name}.lock").exists():
+            remove_tree(entry)
+            swept.append(entry.name)
+    return swept
