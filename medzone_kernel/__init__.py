@@ -9,7 +9,6 @@ first use, so ``import medzone_kernel`` stays quick where torch is not needed.
 """
 
 from . import export
-from .cache import VolumeCache, default_cache
 from .datasets import (
     Dataset,
     DatasetError,
@@ -21,7 +20,9 @@ from .imaging import (
     WINDOW_PRESETS,
     CTVolume,
     ImagingError,
+    VolumeCache,
     XRayImage,
+    default_cache,
     load_ct_volume,
     load_mask,
     load_xray,

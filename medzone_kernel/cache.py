@@ -1,8 +1,10 @@
-"""A per-user cache of decoded CT volumes, so repeated epochs do not decode DICOM again.
+"""A per-user cache of arrays decoded from a series, so repeated epochs do not decode again.
 
 One entry per series: ``<root>/<aa>/<key>.json`` (the sidecar: what the entry is valid
-for, spacing, affine, and the name of its array) and ``<root>/<aa>/<key>-<token>.npy``
-(HU as float32, memory-mappable: a warm load maps it instead of reading it).
+for, the caller's metadata, and the name of its array) and ``<root>/<aa>/<key>-<token>.npy``
+(memory-mappable: a warm load maps it instead of reading it). The cache knows arrays and
+series, not what they hold: :class:`medzone_kernel.imaging.VolumeCache` keeps CT volumes
+in it.
 
 Validity: an entry made from a dataset's series is valid for that dataset's **manifest
 sha256 + series uid** — the manifest lists the sha256 of every stored file and the stored
@@ -28,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import SeriesRef, resolve_series
-from .imaging import CTVolume, decode_ct_volume, series_files
 
 ENV_CACHE = "MEDZONE_CACHE"
 CACHE_FORMAT = 1
@@ -43,17 +44,11 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "medzone" / "volumes"
 
 
-def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in series_files(folder):
-        st = path.stat()
-        digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-class VolumeCache:
-    """Decoded CT volumes as memory-mappable ``.npy`` files under *root*
-    (default ``~/.cache/medzone/volumes``, or ``$MEDZONE_CACHE``)."""
+class ArrayCache:
+    """Arrays decoded from series, as memory-mappable ``.npy`` files under *root*
+    (default ``~/.cache/medzone/volumes``, or ``$MEDZONE_CACHE``), each with a JSON dict of
+    metadata. A subclass says which files of a bare folder make its series
+    (:meth:`files_of`) and what the array means."""
 
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else default_root()
@@ -61,7 +56,19 @@ class VolumeCache:
         self.misses = 0
 
     def __repr__(self) -> str:
-        return f"VolumeCache({str(self.root)!r})"
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def files_of(self, folder: Path) -> list[Path]:
+        """The files of a bare folder that make its series (default: every visible file)."""
+        return sorted(p for p in Path(folder).iterdir()
+                      if p.is_file() and not p.name.startswith("."))
+
+    def _fingerprint(self, folder: Path) -> str:
+        digest = hashlib.sha256()
+        for path in self.files_of(folder):
+            st = path.stat()
+            digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -73,7 +80,7 @@ class VolumeCache:
         else:
             folder = (ref.folder if isinstance(ref, SeriesRef) else Path(ref)).resolve()
             name = f"folder\0{folder}"
-            stamp = f"files:{_fingerprint(folder)}"
+            stamp = f"files:{self._fingerprint(folder)}"
         return hashlib.sha256(name.encode()).hexdigest()[:40], stamp
 
     def _sidecar(self, key: str) -> Path:
@@ -81,8 +88,8 @@ class VolumeCache:
 
     # --- API -------------------------------------------------------------------------------
 
-    def get(self, series_ref) -> CTVolume | None:
-        """The cached volume (``hu`` a read-only memmap), or None when absent or stale."""
+    def get_entry(self, series_ref) -> tuple[np.ndarray, dict] | None:
+        """(the array as a read-only memmap, its metadata), or None when absent or stale."""
         ref = resolve_series(series_ref)
         key, stamp = self._identity(ref)
         sidecar = self._sidecar(key)
@@ -102,14 +109,12 @@ class VolumeCache:
                 return None  # damaged: decode again
         else:
             return None
-        if list(hu.shape) != meta.get("shape") or hu.dtype != np.float32:
+        if list(hu.shape) != meta.get("shape"):
             return None
-        return CTVolume(hu=hu, spacing_mm=tuple(meta["spacing_mm"]),
-                        affine_ras=np.array(meta["affine_ras"], dtype=float),
-                        series_uid=meta["series_uid"], patient=meta["patient"])
+        return hu, meta
 
-    def put(self, series_ref, vol: CTVolume) -> Path:
-        """Store *vol* for *series_ref* (atomically); returns the sidecar's path."""
+    def put_entry(self, series_ref, array: np.ndarray, meta: dict) -> Path:
+        """Store *array* and *meta* (JSON) for *series_ref* (atomically); the sidecar's path."""
         ref = resolve_series(series_ref)
         key, stamp = self._identity(ref)
         sidecar = self._sidecar(key)
@@ -118,10 +123,10 @@ class VolumeCache:
         token = secrets.token_hex(8)
         array_name = f"{key}-{token}.npy"
         tmp_array = folder / f".{array_name}.tmp"
-        hu = np.asarray(vol.hu, dtype=np.float32)
+        array = np.asarray(array)
         try:
             with open(tmp_array, "wb") as fh:
-                np.save(fh, hu, allow_pickle=False)
+                np.save(fh, array, allow_pickle=False)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp_array, folder / array_name)
@@ -129,11 +134,9 @@ class VolumeCache:
             _unlink(tmp_array)
             raise
         meta = {
-            "format": CACHE_FORMAT, "stamp": stamp, "array": array_name,
-            "series_uid": vol.series_uid, "patient": vol.patient,
+            **meta, "format": CACHE_FORMAT, "stamp": stamp, "array": array_name,
             "dataset": ref.dataset if isinstance(ref, SeriesRef) else None,
-            "shape": list(hu.shape), "spacing_mm": list(vol.spacing_mm),
-            "affine_ras": np.asarray(vol.affine_ras, dtype=float).tolist(),
+            "shape": list(array.shape),
         }
         previous = None
         try:
@@ -162,21 +165,6 @@ class VolumeCache:
                 _unlink(other)
         return sidecar
 
-    def load(self, series_ref) -> CTVolume:
-        """Warm: the cached memmap. Cold or stale: decode with pydicom, store, then map."""
-        ref = resolve_series(series_ref)
-        vol = self.get(ref)
-        if vol is not None:
-            self.hits += 1
-            return vol
-        self.misses += 1
-        vol = decode_ct_volume(ref)
-        try:
-            self.put(ref, vol)
-        except OSError:
-            return vol  # a full or read-only cache never stops a load
-        return vol
-
     def clear(self) -> int:
         """Remove every entry; returns the number of files removed."""
         removed = 0
@@ -201,15 +189,4 @@ def _unlink(path: Path) -> None:
         pass
 
 
-_DEFAULT: dict[str, VolumeCache] = {}
-
-
-def default_cache() -> VolumeCache:
-    """The user's cache (one object per root, so hit/miss counters add up)."""
-    root = str(default_root())
-    if root not in _DEFAULT:
-        _DEFAULT[root] = VolumeCache(root)
-    return _DEFAULT[root]
-
-
-__all__ = ["ENV_CACHE", "VolumeCache", "default_cache", "default_root"]
+__all__ = ["ENV_CACHE", "ArrayCache", "default_root"]

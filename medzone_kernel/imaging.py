@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import ArrayCache, default_root
 from .datasets import SeriesRef, resolve_series
 
 #: Window (level, width) in HU.
@@ -95,14 +96,12 @@ def load_ct_volume(series, *, cache=DEFAULT_CACHE) -> CTVolume:
 
     With the default *cache* the decoded volume is kept as a memory-mappable ``.npy`` in
     the user's cache and later loads map it (then ``hu`` is a read-only memmap); pass
-    ``cache=None`` to always decode, or a :class:`~medzone_kernel.cache.VolumeCache`.
+    ``cache=None`` to always decode, or a :class:`VolumeCache`.
     """
     ref = resolve_series(series)
     if cache is None:
         return decode_ct_volume(ref)
     if cache is DEFAULT_CACHE:
-        from .cache import default_cache
-
         cache = default_cache()
     return cache.load(ref)
 
@@ -123,6 +122,60 @@ def series_files(folder: Path) -> list[Path]:
     if not files:
         raise ImagingError(f"{folder} holds no DICOM files")
     return sorted(files)
+
+
+class VolumeCache(ArrayCache):
+    """Decoded CT volumes (HU as float32) in the user's array cache, so repeated epochs do
+    not decode DICOM again: see :mod:`medzone_kernel.cache`."""
+
+    def files_of(self, folder: Path) -> list[Path]:
+        return series_files(folder)
+
+    def get(self, series_ref) -> CTVolume | None:
+        """The cached volume (``hu`` a read-only memmap), or None when absent or stale."""
+        entry = self.get_entry(series_ref)
+        if entry is None:
+            return None
+        hu, meta = entry
+        if hu.dtype != np.float32:
+            return None
+        return CTVolume(hu=hu, spacing_mm=tuple(meta["spacing_mm"]),
+                        affine_ras=np.array(meta["affine_ras"], dtype=float),
+                        series_uid=meta["series_uid"], patient=meta["patient"])
+
+    def put(self, series_ref, vol: CTVolume) -> Path:
+        """Store *vol* for *series_ref* (atomically); returns the sidecar's path."""
+        return self.put_entry(series_ref, np.asarray(vol.hu, dtype=np.float32), {
+            "series_uid": vol.series_uid, "patient": vol.patient,
+            "spacing_mm": list(vol.spacing_mm),
+            "affine_ras": np.asarray(vol.affine_ras, dtype=float).tolist(),
+        })
+
+    def load(self, series_ref) -> CTVolume:
+        """Warm: the cached memmap. Cold or stale: decode with pydicom, store, then map."""
+        ref = resolve_series(series_ref)
+        vol = self.get(ref)
+        if vol is not None:
+            self.hits += 1
+            return vol
+        self.misses += 1
+        vol = decode_ct_volume(ref)
+        try:
+            self.put(ref, vol)
+        except OSError:
+            return vol  # a full or read-only cache never stops a load
+        return vol
+
+
+_DEFAULT: dict[str, VolumeCache] = {}
+
+
+def default_cache() -> VolumeCache:
+    """The user's volume cache (one object per root, so hit/miss counters add up)."""
+    root = str(default_root())
+    if root not in _DEFAULT:
+        _DEFAULT[root] = VolumeCache(root)
+    return _DEFAULT[root]
 
 
 def _has_dicm_magic(path: Path) -> bool:
@@ -346,6 +399,7 @@ def load_xray(series_or_path) -> XRayImage:
 
 
 __all__ = [
-    "CTVolume", "DEFAULT_CACHE", "ImagingError", "WINDOW_PRESETS", "XRayImage",
-    "decode_ct_volume", "load_ct_volume", "load_mask", "load_xray", "series_files", "window_hu",
+    "CTVolume", "DEFAULT_CACHE", "ImagingError", "VolumeCache", "WINDOW_PRESETS", "XRayImage",
+    "decode_ct_volume", "default_cache", "load_ct_volume", "load_mask", "load_xray",
+    "series_files", "window_hu",
 ]
