@@ -348,7 +348,8 @@ def sweep_staging(home: MedZoneHome) -> list[str]:
 # --- the screen --------------------------------------------------------------------------
 
 def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
-            dataset_ids: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            dataset_ids: Sequence[str], screen_config=None,
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Screen the quarantined files; (per-file results in *rel_paths* order, settings)."""
     from . import screen
 
@@ -487,7 +488,8 @@ class StagedExport:
 
 def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
                  dataset_ids: Sequence[str], risk_report: str | None = None,
-                 limits: ExportLimits | None = None, quota_used: int = 0) -> StagedExport:
+                 limits: ExportLimits | None = None, quota_used: int = 0,
+                 screen_config=None) -> StagedExport:
     """Copy *paths* (and the *risk_report* file, if given) from *user*'s home into a sealed
     staging folder, hash and screen them there with the indexes of *dataset_ids*, and check
     the report's form. Touches no database.
@@ -525,7 +527,7 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
             # The quarantined copy is checked: the bytes reviewers read and that leave.
             parse_risk_report(report_rel, (files_root / report_rel).read_bytes())
         # (Diff bases are the hub's own template copies, never files of the home.)
-        results, settings = _screen(files_root, rel_paths, home, dataset_ids)
+        results, settings = _screen(files_root, rel_paths, home, dataset_ids, screen_config)
         add_preview_findings(results)  # a file the review page cannot show needs a download
         report = audit.canonical_json({"files": results})
         (staged.path / "screen.json").write_text(report, encoding="utf-8")
@@ -622,7 +624,8 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
 
 def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
                   risk_report: str | None = None, now: datetime | None = None,
-                  attempts: int = 3, limits: ExportLimits | None = None) -> int:
+                  attempts: int = 3, limits: ExportLimits | None = None,
+                  screen_config=None) -> int:
     """Request the export of *paths* from *user*'s home; the new request's id (committed).
 
     Three steps, so a large request does not hold the database's write lock: read the
@@ -637,7 +640,8 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
             grants = screening_datasets(session, user)
             held = quarantine_bytes(session, user)
         staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
-                              risk_report=risk_report, limits=limits, quota_used=held)
+                              risk_report=risk_report, limits=limits, quota_used=held,
+                              screen_config=screen_config)
         try:
             with store.session() as session:
                 return record_export(session, home, staged, reason=reason, now=now).id

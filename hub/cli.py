@@ -228,6 +228,7 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
 # --- sandbox ---------------------------------------------------------------------------
 
 def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
+    from .hubconfig import load_hub_config, sandbox_config
     from .sessions import run_in_sandbox
 
     command = list(args.cmd)
@@ -236,16 +237,19 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
     if not command:
         raise InvalidInput("name the command to run after --, e.g. medzone sandbox exec "
                            "--user USER -- python3")
-    return run_in_sandbox(home, open_store(home), args.user, command)
+    config = sandbox_config(load_hub_config(args.hub_config, home))
+    return run_in_sandbox(home, open_store(home), args.user, command, config=config)
 
 
 # --- run -------------------------------------------------------------------------------
 
 def cmd_run(args, home: MedZoneHome) -> int:
+    from .hubconfig import load_hub_config, sandbox_config
     from .runner import run_template
 
+    config = sandbox_config(load_hub_config(args.hub_config, home))
     result = run_template(home, open_store(home), args.user, args.template,
-                          [tuple(p) for p in args.param or ()])
+                          [tuple(p) for p in args.param or ()], config=config)
     print(result.notebook)
     return 0
 
@@ -277,10 +281,13 @@ def cmd_export_screen(args, home: MedZoneHome) -> int:
 
 def cmd_export_request(args, home: MedZoneHome) -> int:
     from .airlock import get_request, model_weight_paths, risk_report_file, submit_export
+    from .hubconfig import export_limits, load_hub_config, screen_config
 
+    config = load_hub_config(args.hub_config, home)
     store = open_store(home)
     request_id = submit_export(store, home, user=args.user, paths=args.paths,
-                               reason=args.reason, risk_report=args.risk_report)
+                               reason=args.reason, risk_report=args.risk_report,
+                               limits=export_limits(config), screen_config=screen_config(config))
     print(request_id)
     with store.session() as session:
         request = get_request(session, request_id)
@@ -397,6 +404,13 @@ def cmd_audit_verify(args, home: MedZoneHome) -> int:
 
 # --- parser ----------------------------------------------------------------------------
 
+def _add_hub_config(parser) -> None:
+    parser.add_argument(
+        "--hub-config", metavar="FILE",
+        help="the jupyterhub_config.py whose sandbox, screen and export settings apply "
+             "(default: the hub's, $MEDZONE_HUB_CONFIG, else MedZone's own)")
+
+
 def _export_parser(sub) -> argparse._SubParsersAction:
     """The ``export`` command group (created once; each export command adds itself)."""
     existing = sub.choices.get("export")
@@ -431,6 +445,7 @@ def _add_export_workflow(sub) -> None:
     req.add_argument("--risk-report", metavar="FILE",
                      help="disclosure-risk report (.md or .json, in the home; required before "
                      "model weights can be approved, see docs/airlock.md)")
+    _add_hub_config(req)
     req.set_defaults(func=cmd_export_request)
     rev = export.add_parser("review", help="approve or reject an export request")
     rev.add_argument("id", type=int)
@@ -533,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     sx = sandbox.add_parser("exec", help="run CMD exactly as inside USER's kernel (same mounts, "
                             "uid, namespaces, no network); exit status passes through")
     sx.add_argument("--user", required=True)
+    _add_hub_config(sx)
     sx.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     sx.set_defaults(func=cmd_sandbox_exec)
 
@@ -542,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--user", required=True)
     run.add_argument("-p", "--parameter", dest="param", nargs=2, action="append",
                      metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
+    _add_hub_config(run)
     run.set_defaults(func=cmd_run)
 
     hub = sub.add_parser("hub", help="run JupyterHub with MedZone's config (foreground)")

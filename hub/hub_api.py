@@ -31,6 +31,7 @@ from . import airlock
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError
+from .hubconfig import screen_config
 
 #: Keys a request body may have.
 REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
@@ -111,7 +112,8 @@ class ExportsHandler(_MedZoneAPIHandler):
             raise web.HTTPError(400, "'risk_report' must be the path of one file in your home")
         request_id = await self.run(airlock.submit_export, self.store, self.medzone_home,
                                     user=user, paths=paths, reason=reason,
-                                    risk_report=risk_report, limits=self.limits())
+                                    risk_report=risk_report, limits=self.limits(),
+                                    screen_config=screen_config(self.settings.get("config")))
         self.log.info("export request %s by %s through the hub API", request_id, user)
         info = await self.run(self._status, request_id, user)
         self.set_status(201)

@@ -68,12 +68,13 @@ class SandboxZone:
     store: object
     uids: dict
 
-    def exec(self, user: str, *cmd, timeout: float = 60) -> subprocess.CompletedProcess:
+    def exec(self, user: str, *cmd, timeout: float = 60,
+             options: tuple = ()) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k != ENV_DB_URL}
         env[ENV_HOME] = str(self.home.root)
         return subprocess.run(
-            [sys.executable, "-m", "medzone_hub.cli", "sandbox", "exec", "--user", user, "--",
-             *map(str, cmd)],
+            [sys.executable, "-m", "medzone_hub.cli", "sandbox", "exec", "--user", user,
+             *options, "--", *map(str, cmd)],
             env=env, capture_output=True, text=True, timeout=timeout, cwd="/")
 
     def probe(self, user: str, plan: dict) -> dict:
@@ -399,6 +400,30 @@ def test_exit_status_passes_through(zone):
     assert zone.exec("alice", "true").returncode == 0
     killed = zone.exec("alice", "python3", "-c", "import os; os.kill(os.getpid(), 9)")
     assert killed.returncode == 128 + 9
+
+
+def test_exec_gets_the_sandbox_settings_of_the_hub_config_file(zone):
+    """`medzone sandbox exec --hub-config F` runs with F's SafeZoneSpawner settings, as the
+    user's server under a hub started with F would."""
+    config = zone.base / "small_jupyterhub_config.py"
+    config.write_text("c.SafeZoneSpawner.tmp_size_bytes = 8 << 20\n"
+                      "c.SafeZoneSpawner.shm_size_bytes = 4 << 20\n"
+                      "c.SafeZoneSpawner.nproc_limit = 321\n")
+    probe = ("import json, os, resource\n"
+             "size = lambda p: os.statvfs(p).f_blocks * os.statvfs(p).f_frsize\n"
+             "print(json.dumps([size('/tmp'), size('/dev/shm'),"
+             " resource.getrlimit(resource.RLIMIT_NPROC)[0]]))")
+    cmd = ["python3", "-c", probe]
+    default = json.loads(zone.exec("alice", *cmd).stdout)
+    done = zone.exec("alice", *cmd, options=("--hub-config", str(config)))
+    assert done.returncode == 0, done.stderr
+    tmp, shm, nproc = json.loads(done.stdout)
+    assert (tmp, shm) == (8 << 20, 4 << 20)
+    assert default[:2] == [SandboxConfig().tmp_size_bytes, SandboxConfig().shm_size_bytes]
+    if ROOT:  # RLIMIT_NPROC is set where the sandbox drops to its own uid
+        assert (nproc, default[2]) == (321, SandboxConfig().nproc_limit)
+    missing = zone.exec("alice", "true", options=("--hub-config", str(zone.base / "nope.py")))
+    assert missing.returncode != 0 and "no hub config file" in missing.stderr
 
 
 def test_unknown_or_unapproved_user_is_one_line_error(zone):

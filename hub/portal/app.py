@@ -25,6 +25,7 @@ from traitlets.config import Application
 
 from ..config import MedZoneHome, resolve_home
 from ..db import open_store
+from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
 from . import SERVICE_NAME
 
 #: The portal's page templates and style sheet: package data, found in a wheel install too.
@@ -48,6 +49,8 @@ class Portal:
     #: Export size limits (:class:`medzone_hub.airlock.ExportLimits`; the hub config's
     #: ``ExportLimits`` section).
     export_limits: object = None
+    #: The screen's settings (the hub config's ``ScreenConfig`` section).
+    screen_config: object = None
     _hub_db_factory: object = field(default=None, repr=False)
 
     def hub_db(self):
@@ -117,14 +120,6 @@ def cookie_secret(home: MedZoneHome) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def sandbox_config_from(config):
-    """The :class:`~medzone_hub.sandbox.SandboxConfig` the hub's spawner uses, from the
-    hub's config (its ``SafeZoneSpawner`` section)."""
-    from ..spawner import SafeZoneSpawner
-
-    return SafeZoneSpawner(config=config).sandbox_config()
-
-
 class PortalApp(Application):
     """``python -m medzone_hub.portal``: serve the portal where JupyterHub says."""
 
@@ -160,7 +155,7 @@ class PortalApp(Application):
         super().initialize(argv)
         if self.hub_config:
             # One config file for the hub and its portal; the command line still wins.
-            self.load_config_file(self.hub_config)
+            self.update_config(load_hub_config(self.hub_config))
             self.update_config(self.cli_config)
 
     def make_app(self) -> web.Application:
@@ -171,12 +166,11 @@ class PortalApp(Application):
         base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
         portal = Portal(home=home, store=open_store(home), prefix=prefix,
                         hub_prefix=base_url + "hub/", base_url=base_url, templates=jinja_env(),
-                        sandbox_config=sandbox_config_from(self.config),
+                        sandbox_config=sandbox_config(self.config),
                         templates_dir=self.templates_dir or None, page_size=self.page_size)
         portal.runs = RunTracker(portal)
-        from ..airlock import ExportLimits
-
-        portal.export_limits = ExportLimits.from_config(self.config)
+        portal.export_limits = export_limits(self.config)
+        portal.screen_config = screen_config(self.config)
         return web.Application(
             handlers(prefix), portal=portal, cookie_secret=cookie_secret(home),
             xsrf_cookies=True, static_url_prefix=prefix + "static/",

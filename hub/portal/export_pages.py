@@ -68,7 +68,8 @@ class ExportsHandler(PortalHandler):
         # Copying and screening take a while: off the event loop, so other pages stay live.
         request_id = await asyncio.to_thread(
             airlock.submit_export, self.store, self.home, user=self.user_name, paths=paths,
-            reason=self.get_body_argument("reason", ""), limits=self.portal.export_limits)
+            reason=self.get_body_argument("reason", ""), limits=self.portal.export_limits,
+            screen_config=self.portal.screen_config)
         self.redirect(self.url(f"exports/{request_id}"))
 
 
