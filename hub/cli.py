@@ -254,6 +254,55 @@ def cmd_run(args, home: MedZoneHome) -> int:
     return 0
 
 
+def _run_id(text: str) -> int:
+    if not text.isdigit():
+        raise InvalidInput(f"a run id is a number, not {text!r}")
+    return int(text)
+
+
+def cmd_runs_list(args, home: MedZoneHome) -> int:
+    from .runner import list_runs, run_summary
+
+    with open_store(home).session() as session:
+        runs = [run_summary(r) for r in list_runs(session, user=args.user, state=args.state)]
+    if args.json:
+        _print_json(runs)
+        return 0
+    _print_table(runs, ["id", "user", "template", "state", "created", "error"])
+    return 0
+
+
+def cmd_runs_show(args, home: MedZoneHome) -> int:
+    from .runner import get_run, run_progress, run_summary
+
+    with open_store(home).session() as session:
+        run = get_run(session, _run_id(args.id))
+        info = run_summary(run)
+    info["progress"] = run_progress(home, run)
+    if args.json:
+        _print_json(info)
+        return 0
+    progress = info["progress"]
+    print(f"run {info['id']} of {info['template']} by {info['user']}: {info['state']}")
+    if info["error"]:
+        print(f"error: {info['error']}")
+    print(f"cells: {progress['cells_done']} of {progress['cells_total']} done")
+    print(f"parameters: {json.dumps(info['parameters'], ensure_ascii=False)}")
+    print(f"notebook: ~/{info['output']}")
+    for key in ("template_sha256", "output_sha256", "created", "started", "finished"):
+        print(f"{key.replace('_', ' ')}: {info[key] or '-'}")
+    return 0
+
+
+def cmd_runs_cancel(args, home: MedZoneHome) -> int:
+    from .runner import cancel_run
+
+    with open_store(home).session() as session:
+        run = cancel_run(session, _run_id(args.id), default_actor())
+        print(f"run {run.id} of {run.template} by {run.user.name}: cancelled")
+    return 0
+
+
 # --- export ----------------------------------------------------------------------------
 
 def cmd_export_screen(args, home: MedZoneHome) -> int:
@@ -560,6 +609,22 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
     _add_hub_config(run)
     run.set_defaults(func=cmd_run)
+
+    runs = sub.add_parser("runs", help="template runs: list, show, cancel").add_subparsers(
+        dest="runs_command", required=True, metavar="ACTION")
+    rl = runs.add_parser("list", help="runs, newest first")
+    rl.add_argument("--user", help="only this user's runs")
+    rl.add_argument("--state", help="only runs in this state "
+                    "(queued, running, done, failed, cancelled)")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=cmd_runs_list)
+    rs = runs.add_parser("show", help="a run: state, progress, parameters, hashes")
+    rs.add_argument("id")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_runs_show)
+    rc = runs.add_parser("cancel", help="stop a queued or running run")
+    rc.add_argument("id")
+    rc.set_defaults(func=cmd_runs_cancel)
 
     hub = sub.add_parser("hub", help="run JupyterHub with MedZone's config (foreground)")
     hub.add_argument("--ip", default="127.0.0.1")

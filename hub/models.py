@@ -351,3 +351,45 @@ class ExportReview(Base):
 
     def __repr__(self) -> str:
         return f"<ExportReview {self.request_id} {self.reviewer_id} {self.approve}>"
+
+
+#: Run states stored in ``runs.state``: ``queued`` (prepared, not yet executing),
+#: ``running``, and the three ends.
+RUN_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class Run(Base):
+    """A template run: what was asked, where it writes, how it ended.
+
+    ``run_dir`` and ``output`` are relative to the user's home. While a run executes,
+    ``runner_pid``/``runner_start`` name the process executing it (a run whose process is
+    gone is marked failed) and ``sandbox_pid``/``sandbox_start`` the sandbox's bubblewrap
+    monitor (what a cancel kills); a start time is the kernel's, from ``/proc/<pid>/stat``,
+    so a reused pid is never mistaken for the run's process.
+    """
+
+    __tablename__ = "runs"
+    __table_args__ = (CheckConstraint(_in("state", RUN_STATES), name="state"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    template: Mapped[str] = mapped_column(String(255))
+    template_sha256: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    run_dir: Mapped[str] = mapped_column(String(1024))
+    output: Mapped[str] = mapped_column(String(1024))
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    runner_pid: Mapped[int | None]
+    runner_start: Mapped[int | None] = mapped_column(BigInteger)
+    sandbox_pid: Mapped[int | None]
+    sandbox_start: Mapped[int | None] = mapped_column(BigInteger)
+
+    user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.template} {self.state}>"

@@ -1,7 +1,15 @@
 """Template runs: a papermill notebook executed with parameters inside a user's sandbox.
 
-``medzone run TEMPLATE --user USER -p NAME VALUE …`` (and the portal) call
-:func:`run_template`, which
+A run is a row of the store's ``runs`` table (:class:`medzone_hub.models.Run`), and this
+module owns its lifecycle: :func:`prepare_run` (steps 1–5, papermill aside; the row is
+``queued``), :func:`execute_run` (papermill in the sandbox; ``running``, then ``done``,
+``failed`` or ``cancelled``; step 6), :func:`list_runs`, :func:`get_run`,
+:func:`run_progress` (cell i of n, read from the executed notebook through homefs) and
+:func:`cancel_run` (the owner or an admin; the sandbox is killed by its recorded pid only
+if that is still the same process). A run left ``running`` by a process that died is
+marked failed, with the reason, when it is next read. ``medzone run`` calls
+:func:`run_template` (prepare, then execute, in that process); ``medzone runs`` and the
+portal call the others. Together they
 
 1. finds the template (a name in the ``medzone_templates`` package, the repository's
    ``templates/``, or a path to an ``.ipynb``) and hashes it;
@@ -52,6 +60,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -67,7 +76,9 @@ from .homefs import UserHome
 from medzone_kernel import contract
 
 from .manifest import sha256_file
-from .errors import InvalidInput, MedZoneError, NotFound, RuleViolation
+from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+from .models import utcnow
+from .sandbox import proc_start_time
 
 #: Where the project's templates live: the ``medzone_templates`` package's data, so a wheel
 #: install finds them as well as a checkout does.
@@ -610,7 +621,7 @@ def user_home_fs(policy) -> UserHome:
     return UserHome(policy.home_host)
 
 
-def run_template(
+def prepare_run(
     home: MedZoneHome,
     store,
     user: str,
@@ -620,17 +631,20 @@ def run_template(
     templates_dir: str | os.PathLike | None = None,
     config=None,
     now: datetime | None = None,
-) -> RunResult:
-    """Run *template* as *user* with ``(name, raw value)`` *parameters* (module docstring).
+):
+    """Check and prepare a run of *template* as *user* with ``(name, raw value)``
+    *parameters* (steps 1–5 of the module docstring, papermill aside): the run folder and
+    the user's copies of the template and parameters exist, and the run is recorded in the
+    store, ``queued``. Returns the :class:`~medzone_hub.models.Run` row.
 
-    Returns the :class:`RunResult`; raises :class:`InvalidInput`/:class:`NotFound` for a bad
-    template or parameter, :class:`RuleViolation` for an ungranted dataset, and
-    :class:`RunFailed` (partial notebook kept) when the notebook fails.
+    Raises :class:`InvalidInput`/:class:`NotFound` for a bad template or parameter and
+    :class:`RuleViolation` for an ungranted dataset, before anything is created.
     """
-    from . import audit
     from .access import live_grants
+    from .accounts import get_user
+    from .models import Run
     from .sandbox import ensure_home, release_resources
-    from .sessions import policy_for, run_in_sandbox
+    from .sessions import policy_for
 
     path = find_template(template, templates_dir)
     stem = path.stem
@@ -653,17 +667,63 @@ def run_template(
     release_resources(policy)  # run_in_sandbox reserves its own GPU, if any
     keep_template(home, data)
 
-    home_dir = ensure_home(home, policy)
+    ensure_home(home, policy)
     fs = user_home_fs(policy)
     # Refused in one line, before anything is created, if ~/runs (or any part) is a link.
     rel = fs.mkdir_unique("runs", f"{_timestamp(now)}-{stem}")
+    # The user's copies, for reference; papermill reads the hub's (execute_run), which no
+    # one else can swap while the run starts.
+    fs.write_bytes(f"{rel}/{TEMPLATE_COPY}", data, mode=0o600)
+    fs.write_bytes(f"{rel}/{PARAMETERS_FILE}", json.dumps(values, indent=1).encode(),
+                   mode=0o600)
+    with store.session() as session:
+        run = Run(user=get_user(session, user), template=stem, template_sha256=template_sha,
+                  parameters=values, state="queued", run_dir=rel,
+                  output=f"{rel}/{stem}.ipynb")
+        if now is not None:
+            run.created_at = now
+        session.add(run)
+        session.flush()
+    return run
+
+
+def execute_run(home: MedZoneHome, store, run_id: int, *, config=None) -> RunResult:
+    """Execute the prepared (``queued``) run *run_id* in its user's sandbox, keeping its
+    row up to date (``running``, then ``done``, ``failed`` or ``cancelled``), and append
+    the ``run.execute`` audit row.
+
+    Returns the :class:`RunResult`; raises :class:`RunFailed` (partial notebook kept) when
+    the notebook fails or the run is cancelled.
+    """
+    from . import audit
+    from .models import Run
+    from .sandbox import ensure_home, release_resources
+    from .sessions import policy_for, run_in_sandbox
+
+    runner_pid = os.getpid()
+    with store.session() as session:
+        run = session.get(Run, run_id, with_for_update=True)
+        if run is None:
+            raise NotFound(f"no run {run_id}")
+        if run.state != "queued":
+            raise Conflict(f"run {run_id} is {run.state}, not queued")
+        user, stem, values, rel = run.user.name, run.template, dict(run.parameters), run.run_dir
+        template_sha = run.template_sha256
+        run.state, run.started_at = "running", utcnow()
+        run.runner_pid, run.runner_start = runner_pid, proc_start_time(runner_pid)
+    data = kept_template(home, template_sha)
+    with store.session() as session:
+        policy = policy_for(home, session, user, config=config)
+    release_resources(policy)
+    home_dir = ensure_home(home, policy)
+    fs = user_home_fs(policy)
+    if data is None:
+        _finish(store, run_id, "failed", error="the hub's copy of the template is gone")
+        raise RunFailed(f"run of {stem} failed: the hub's copy of the template is gone")
+
     run_dir = home_dir / rel
     inside = f"{policy.home_inside}/{rel}"
     params_json = json.dumps(values, indent=1).encode()
-    # The user's copies, for reference; papermill reads the hub's (below), which no one
-    # else can swap while the run starts.
-    fs.write_bytes(f"{rel}/{TEMPLATE_COPY}", data, mode=0o600)
-    fs.write_bytes(f"{rel}/{PARAMETERS_FILE}", params_json, mode=0o600)
     output_rel = f"{rel}/{stem}.ipynb"
     output = home_dir / output_rel
     output_inside = f"{inside}/{stem}.ipynb"
@@ -674,6 +734,15 @@ def run_template(
                output_inside, f"{KERNEL_INSIDE}/input/{PARAMETERS_FILE}", inside, KERNEL_INSIDE,
                str(result_write)]
 
+    def sandbox_started(pid: int) -> None:
+        # Recorded for cancel_run; a run cancelled before its sandbox existed stops here.
+        with store.session() as session:
+            row = session.get(Run, run_id, with_for_update=True)
+            row.sandbox_pid, row.sandbox_start = pid, proc_start_time(pid)
+            cancelled = row.state == "cancelled"
+        if cancelled:
+            _kill(pid)
+
     started = time.monotonic()
     print(f"medzone: running {stem} as {user} in {inside}", file=sys.stderr, flush=True)
     kernel_dir = Path(tempfile.mkdtemp(prefix="medzone-run-kernel-"))
@@ -683,9 +752,12 @@ def run_template(
         try:
             rc = run_in_sandbox(home, store, user, command, config=config,
                                 extra_ro_binds=[(str(kernel_dir), KERNEL_INSIDE)], extra_env=env,
-                                pass_fds=(result_write,))
+                                pass_fds=(result_write,), on_start=sandbox_started)
         except KeyboardInterrupt:  # the sandbox is gone with its monitor; record and report it
             rc = 130
+        except BaseException as err:
+            _finish(store, run_id, "failed", error=_one_line(err))
+            raise
     finally:
         shutil.rmtree(kernel_dir, ignore_errors=True)
         os.close(result_write)
@@ -699,8 +771,13 @@ def run_template(
     in_home = _read_back(fs.sha256, output_rel) if written else None
     # The run's own report (a finished run) wins over what the home holds now.
     output_sha = reported if re.fullmatch(r"[0-9a-f]{64}", reported) else in_home
+    with store.session() as session:
+        row = session.get(Run, run_id)
+        cancelled_by = row.error if row.state == "cancelled" else None
     failure = None
-    if rc != 0:
+    if cancelled_by is not None:
+        failure = cancelled_by
+    elif rc != 0:
         executed = (_read_back(fs.read_bytes, output_rel, max_bytes=MAX_NOTEBOOK_BYTES)
                     if written else None)
         cell = _failed_cell_in_bytes(executed) if executed else None
@@ -710,8 +787,9 @@ def run_template(
             failure = "interrupted"
         else:
             failure = f"papermill exited with status {rc}"
-    status = "ok" if failure is None else "failed"
+    status = "ok" if failure is None else "cancelled" if cancelled_by is not None else "failed"
     detail = {
+        "run": run_id,
         "template": stem,
         "template_sha256": template_sha,
         "template_copy": template_sha,
@@ -728,18 +806,234 @@ def run_template(
         # Changed (or removed) in the home after the run wrote it.
         detail["output_sha256_in_home"] = in_home
     with store.session() as session:
+        row = session.get(Run, run_id, with_for_update=True)
+        if row.state != "cancelled":
+            row.state, row.error = ("done", None) if failure is None else ("failed", failure)
+        row.output_sha256, row.finished_at = output_sha, utcnow()
+        row.runner_pid = row.runner_start = row.sandbox_pid = row.sandbox_start = None
         audit.append(session, actor=user, action="run.execute", subject=f"template:{stem}",
                      detail=detail)
     if failure:
         kept = f"; partial notebook kept at {output}" if written else ""
-        error = RunFailed(f"run of {stem} failed: {failure}{kept}", output if written else None)
-        if rc == 130:
+        what = failure if cancelled_by is not None else f"failed: {failure}"
+        error = RunFailed(f"run of {stem} {what}{kept}", output if written else None)
+        if rc == 130 and cancelled_by is None:
             error.exit_code = 130
         raise error
     files = [f[len(rel) + 1:] for f in _read_back(fs.walk_files, rel, skip_hidden=True) or []]
     return RunResult(template=stem, user=user, notebook=output, notebook_inside=output_inside,
                      run_dir=run_dir, template_sha256=template_sha, output_sha256=output_sha,
                      parameters=values, seconds=seconds, status=status, files=files)
+
+
+def run_template(
+    home: MedZoneHome,
+    store,
+    user: str,
+    template: str,
+    parameters: Sequence[tuple[str, str]] = (),
+    *,
+    templates_dir: str | os.PathLike | None = None,
+    config=None,
+    now: datetime | None = None,
+) -> RunResult:
+    """Run *template* as *user* with ``(name, raw value)`` *parameters* (module docstring):
+    :func:`prepare_run` then :func:`execute_run`, in this process.
+
+    Returns the :class:`RunResult`; raises :class:`InvalidInput`/:class:`NotFound` for a bad
+    template or parameter, :class:`RuleViolation` for an ungranted dataset, and
+    :class:`RunFailed` (partial notebook kept) when the notebook fails.
+    """
+    run = prepare_run(home, store, user, template, parameters, templates_dir=templates_dir,
+                      config=config, now=now)
+    return execute_run(home, store, run.id, config=config)
+
+
+# --- runs in the store -----------------------------------------------------------------
+
+#: Why a run still marked ``running`` whose process is gone failed.
+PROCESS_GONE = ("the run stopped before it finished: the process running it is gone "
+                "(the portal or the machine restarted); run it again")
+
+#: States a run ends in.
+ENDED = ("done", "failed", "cancelled")
+
+#: An actor starting with this is the zone's operator at the command line (never a hub
+#: user: user names hold no colon), who may cancel any run.
+OPERATOR_PREFIX = "cli:"
+
+
+def _alive(pid: int | None, start: int | None) -> bool:
+    return pid is not None and start is not None and proc_start_time(pid) == start
+
+
+def _kill(pid: int) -> None:
+    """Kill a sandbox's bubblewrap monitor (``--die-with-parent`` takes the sandbox with it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _finish(store, run_id: int, state: str, *, error: str | None = None) -> None:
+    from .models import Run
+
+    with store.session() as session:
+        row = session.get(Run, run_id, with_for_update=True)
+        if row.state not in ENDED:
+            row.state, row.error = state, error
+        row.finished_at = utcnow()
+        row.runner_pid = row.runner_start = row.sandbox_pid = row.sandbox_start = None
+
+
+def _check_alive(session, run) -> None:
+    """Mark *run* failed if it is ``running`` but the process executing it is gone."""
+    if run.state == "running" and run.runner_pid is not None and not _alive(
+            run.runner_pid, run.runner_start):
+        run.state, run.error, run.finished_at = "failed", PROCESS_GONE, utcnow()
+        run.runner_pid = run.runner_start = run.sandbox_pid = run.sandbox_start = None
+        session.flush()
+
+
+def list_runs(session, user: str | None = None, state: str | None = None) -> list:
+    """Runs, newest first: *user*'s only, or in *state* only, when given. A run whose
+    process is gone is marked failed first."""
+    from sqlalchemy import select
+
+    from .models import RUN_STATES, Run, User
+
+    if state is not None and state not in RUN_STATES:
+        raise InvalidInput(f"no run state {state!r} (states: {', '.join(RUN_STATES)})")
+    query = select(Run).order_by(Run.id.desc())
+    if user is not None:
+        query = query.join(Run.user).where(User.name == user)
+    runs = list(session.scalars(query))
+    for run in runs:
+        _check_alive(session, run)
+    return [r for r in runs if state is None or r.state == state]
+
+
+def get_run(session, run_id: int, *, user: str | None = None):
+    """Run *run_id* (*user*'s, when given): :class:`NotFound` otherwise."""
+    from .models import Run
+
+    run = session.get(Run, run_id)
+    if run is None or (user is not None and run.user.name != user):
+        raise NotFound(f"no run {run_id}" + (" of yours" if user is not None else ""))
+    _check_alive(session, run)
+    return run
+
+
+def find_run(session, user: str, run_dir: str):
+    """*user*'s run whose folder is *run_dir* (relative to the home), or ``None``."""
+    from sqlalchemy import select
+
+    from .models import Run, User
+
+    run = session.scalar(select(Run).join(Run.user).where(User.name == user,
+                                                          Run.run_dir == run_dir))
+    if run is not None:
+        _check_alive(session, run)
+    return run
+
+
+def cancel_run(session, run_id: int, by: str):
+    """Cancel run *run_id* for *by* (its owner, an admin, or the operator): its sandbox is
+    killed, if it is still the same process, and the run is marked ``cancelled``
+    (audited ``run.cancel``). :class:`RuleViolation` for anyone else, :class:`Conflict`
+    when the run has already ended."""
+    from . import audit
+    from .accounts import get_user
+    from .models import Run
+
+    run = session.get(Run, run_id, with_for_update=True)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    owner = run.user.name
+    if by != owner and not by.startswith(OPERATOR_PREFIX):
+        try:
+            admin = get_user(session, by).admin
+        except NotFound:
+            admin = False
+        if not admin:
+            raise RuleViolation(f"run {run_id} is {owner}'s: only they or an admin may cancel it")
+    _check_alive(session, run)
+    if run.state in ENDED:
+        raise Conflict(f"run {run_id} has already ended ({run.state})")
+    killed = False
+    if _alive(run.sandbox_pid, run.sandbox_start):
+        _kill(run.sandbox_pid)
+        killed = True
+    run.state, run.error, run.finished_at = "cancelled", f"cancelled by {by}", utcnow()
+    audit.append(session, actor=by, action="run.cancel", subject=f"template:{run.template}",
+                 detail={"run": run.id, "user": owner, "output": run.output,
+                         "sandbox_killed": killed})
+    return run
+
+
+def run_progress(home: MedZoneHome, run) -> dict[str, Any]:
+    """How far *run* got, read from its executed notebook through the user's home
+    (:mod:`medzone_hub.homefs`): cells finished, code cells, the running cell's number,
+    papermill's duration, and whether the notebook could be read."""
+    fs = UserHome.of(home, run.user.name)
+    try:
+        data = fs.read_bytes(run.output, max_bytes=MAX_PROGRESS_BYTES)
+    except (OSError, MedZoneError):
+        data = None
+    nb = notebook_of(data)
+    done, total, current = cell_progress(nb)
+    seconds = (nb or {}).get("metadata", {}).get("papermill", {}).get("duration")
+    if seconds is None and run.started_at is not None:
+        end = run.finished_at or utcnow()
+        seconds = (end - run.started_at).total_seconds()
+    return {"cells_done": done, "cells_total": total, "current_cell": current,
+            "seconds": None if seconds is None else round(float(seconds), 1),
+            "notebook": nb is not None}
+
+
+#: The largest executed notebook :func:`run_progress` reads.
+MAX_PROGRESS_BYTES = 64 * 1024 * 1024
+
+
+def notebook_of(data: bytes | None) -> dict | None:
+    if data is None:
+        return None
+    try:
+        nb = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None  # not written yet, or caught mid-write: the next read sees it
+    return nb if isinstance(nb, dict) else None
+
+
+def cell_progress(nb: dict | None) -> tuple[int, int, int | None]:
+    """(cells finished, code cells, number of the running cell) of a notebook papermill
+    is executing or has executed; (0, 0, None) before papermill first writes it."""
+    if nb is None:
+        return 0, 0, None
+    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    done, current = 0, None
+    for i, cell in enumerate(cells):
+        status = cell.get("metadata", {}).get("papermill", {}).get("status")
+        if status == "completed":
+            done += 1
+        elif status == "running" and current is None:
+            current = i + 1
+    return done, len(cells), current
+
+
+def run_summary(run) -> dict[str, Any]:
+    """A run as the faces print it (``medzone runs list/show --json``)."""
+    def iso(value):
+        return value.isoformat(timespec="seconds") if value else None
+
+    return {"id": run.id, "user": run.user.name, "template": run.template,
+            "state": run.state, "template_sha256": run.template_sha256,
+            "parameters": run.parameters, "run_dir": run.run_dir, "output": run.output,
+            "output_sha256": run.output_sha256, "error": run.error,
+            "created": iso(run.created_at), "started": iso(run.started_at),
+            "finished": iso(run.finished_at)}
 
 
 def _read_back(method, *args, **kwargs):
@@ -754,6 +1048,7 @@ def _read_back(method, *args, **kwargs):
 __all__ = [
     "ParameterSpec", "RunFailed", "RunResult", "TEMPLATES_DIR", "check_parameters",
     "coerce_value", "datasets_named", "failed_cell", "find_template", "is_dataset_parameter",
-    "keep_template", "kept_template", "list_templates", "recorded_run", "run_base",
-    "run_template", "sha256_file", "template_parameters",
+    "cancel_run", "execute_run", "find_run", "get_run", "keep_template", "kept_template",
+    "list_runs", "list_templates", "prepare_run", "recorded_run", "run_base", "run_progress",
+    "run_summary", "run_template", "sha256_file", "template_parameters",
 ]
