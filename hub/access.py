@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from . import audit
 from .accounts import ROLE_DATA_STEWARD, get_user
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
-from .models import AccessApplication, User, as_utc
+from .models import AccessApplication, AuditEvent, Dataset, User, as_utc
 from .registry import get_dataset, validate_dataset_id
 
 DEFAULT_DAYS = 90
@@ -276,22 +277,27 @@ def revoke(
     return app
 
 
+@dataclass(frozen=True)
+class ApplicationAt:
+    """An application and its :func:`application_state` at one moment, for faces that show
+    both; every other attribute is the application's."""
+
+    application: AccessApplication
+    state: str
+
+    def __getattr__(self, name: str):
+        return getattr(self.application, name)
+
+
 def list_applications(
     session: Session, *, user: str | None = None, now: datetime | None = None
-) -> list[AccessApplication]:
-    """Applications by id, optionally only *user*'s.
-
-    Each returned application also carries ``state``, its :func:`application_state` at
-    *now*, for faces that print it.
-    """
+) -> list[ApplicationAt]:
+    """Applications by id, optionally only *user*'s, each with its state at *now*."""
     now = as_utc(now)
     query = select(AccessApplication).order_by(AccessApplication.id)
     if user is not None:
         query = query.where(AccessApplication.user_id == get_user(session, user).id)
-    apps = list(session.scalars(query))
-    for app in apps:
-        app.state = application_state(app, now)
-    return apps
+    return [ApplicationAt(app, application_state(app, now)) for app in session.scalars(query)]
 
 
 def live_grants(session: Session, user: str, now: datetime | None = None) -> list[str]:
@@ -334,8 +340,6 @@ def screening_datasets(session: Session, user: str) -> list[str]:
     runs, ``run.execute`` in the audit log), not only :func:`live_grants`. Datasets no
     longer in the registry are left out (their index is gone with them).
     """
-    from .models import AuditEvent, Dataset
-
     account = session.scalar(select(User).where(User.name == user))
     if account is None:
         return []

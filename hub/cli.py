@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import IngestRefused, InvalidInput, MedZoneError
+from .logs import log_to_stderr
 
 #: How many refusal findings are printed before "… and N more".
 MAX_FINDINGS_SHOWN = 40
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_to_stderr()
     try:
         home = resolve_home(args.home)
         return args.func(args, home)

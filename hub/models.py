@@ -186,10 +186,6 @@ class AccessApplication(Base):
         secondary=application_datasets, lazy="selectin", order_by=Dataset.id
     )
 
-    #: Not a column: the state at the ``now`` given to
-    #: :func:`medzone_hub.access.list_applications`, set by it.
-    state = None
-
     @property
     def dataset_ids(self) -> list[str]:
         return [dataset.id for dataset in self.datasets]

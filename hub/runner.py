@@ -56,6 +56,7 @@ import ast
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -79,6 +80,8 @@ from .manifest import sha256_file
 from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .models import utcnow
 from .sandbox import proc_start_time
+
+log = logging.getLogger(__name__)
 
 #: Where the project's templates live: the ``medzone_templates`` package's data, so a wheel
 #: install finds them as well as a checkout does.
@@ -744,7 +747,7 @@ def execute_run(home: MedZoneHome, store, run_id: int, *, config=None) -> RunRes
             _kill(pid)
 
     started = time.monotonic()
-    print(f"medzone: running {stem} as {user} in {inside}", file=sys.stderr, flush=True)
+    log.info("running %s as %s in %s", stem, user, inside)
     kernel_dir = Path(tempfile.mkdtemp(prefix="medzone-run-kernel-"))
     try:
         write_kernel_folder(kernel_dir, python,

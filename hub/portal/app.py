@@ -25,6 +25,7 @@ from traitlets.config import Application
 
 from ..config import MedZoneHome, resolve_home
 from ..db import open_store
+from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
 from . import SERVICE_NAME
 
@@ -187,6 +188,7 @@ class PortalApp(Application):
 
 
 def main(argv: list[str] | None = None) -> int:
+    log_to_stderr()  # template runs' lines, in the hub's log as before
     app = PortalApp()
     app.initialize(argv if argv is not None else sys.argv[1:])
     app.start()

@@ -1,0 +1,1 @@
+"""Tools for working on MedZone itself (not used by the running zone)."""
