@@ -86,6 +86,25 @@ def grad_scaler(device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 
 
+def train_epoch(model: torch.nn.Module, batches: Iterable, loss_fn, optimizer, scaler,
+                device) -> tuple[list[float], int]:
+    """One pass of *model* over *batches* (``(inputs, targets)`` pairs on *device*), in mixed
+    precision where the device has it (:func:`autocast`, *scaler* from :func:`grad_scaler`).
+    Returns each batch's loss and how many samples were seen."""
+    model.train()
+    losses, seen = [], 0
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = loss_fn(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss))
+        seen += len(x)
+    return losses, seen
+
+
 def progress(iterable: Iterable, **kw):
     """A progress bar (``tqdm.auto``: a widget in notebooks, text elsewhere)."""
     from tqdm.auto import tqdm

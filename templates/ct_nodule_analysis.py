@@ -27,26 +27,15 @@ small_count_threshold = 10      # cells below this are suppressed in the cohort 
 
 # %%
 import json
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from medzone_kernel.datasets import granted_datasets, open_dataset
+from medzone_kernel.runs import start_run
 
-out = Path(os.environ.get("MEDZONE_RUN_DIR", "."))
-figures = out / "figures"
-figures.mkdir(parents=True, exist_ok=True)
-if not dataset:
-    granted = granted_datasets()
-    if len(granted) != 1:
-        raise ValueError(f"set the dataset parameter: the granted datasets are {granted or 'none'}")
-    dataset = granted[0]
-ds = open_dataset(dataset)
+out, figures, dataset, ds = start_run(dataset)
 started = time.time()
 print(ds)
 

@@ -26,26 +26,14 @@ seed = 0
 
 # %%
 import json
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 
-from medzone_kernel.datasets import granted_datasets, open_dataset
+from medzone_kernel.runs import start_run
 
-out = Path(os.environ.get("MEDZONE_RUN_DIR", "."))
-figures = out / "figures"
-figures.mkdir(parents=True, exist_ok=True)
-if not dataset:
-    granted = granted_datasets()
-    if len(granted) != 1:
-        raise ValueError(f"set the dataset parameter: the granted datasets are {granted or 'none'}")
-    dataset = granted[0]
-ds = open_dataset(dataset)
+out, figures, dataset, ds = start_run(dataset)
 started = time.time()
 print(ds)
 
@@ -59,7 +47,7 @@ from monai.transforms import (Compose, RandAffined, RandCropByPosNegLabeld, Rand
 
 from medzone_kernel.imaging import WINDOW_PRESETS, window_hu
 from medzone_kernel.training import (autocast, choose_device, dice, grad_scaler, patient_split,
-                                     progress, save_model, seed_everything)
+                                     progress, save_model, seed_everything, train_epoch)
 from medzone_kernel.transforms import LoadCTVolumed, ct_items
 
 seed_everything(seed)
@@ -114,18 +102,9 @@ scaler = grad_scaler(device)
 history, patches_seen = [], 0
 train_started = time.time()
 for epoch in progress(range(epochs)):
-    model.train()
-    losses = []
-    for batch in loader:
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = loss_fn(model(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss))
-        patches_seen += len(x)
+    batches = ((batch["image"].to(device), batch["label"].to(device)) for batch in loader)
+    losses, seen = train_epoch(model, batches, loss_fn, optimizer, scaler, device)
+    patches_seen += seen
     history.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
 train_seconds = time.time() - train_started
 print(f"{epochs} epochs in {train_seconds:.1f} s ({patches_seen / max(train_seconds, 1e-9):.1f} patches/s)")

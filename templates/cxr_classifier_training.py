@@ -24,26 +24,15 @@ seed = 0
 
 # %%
 import json
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from medzone_kernel.datasets import granted_datasets, open_dataset
+from medzone_kernel.runs import start_run
 
-out = Path(os.environ.get("MEDZONE_RUN_DIR", "."))
-figures = out / "figures"
-figures.mkdir(parents=True, exist_ok=True)
-if not dataset:
-    granted = granted_datasets()
-    if len(granted) != 1:
-        raise ValueError(f"set the dataset parameter: the granted datasets are {granted or 'none'}")
-    dataset = granted[0]
-ds = open_dataset(dataset)
+out, figures, dataset, ds = start_run(dataset)
 started = time.time()
 print(ds)
 
@@ -53,7 +42,7 @@ from monai.transforms import Compose, RandAffined, RandGaussianNoised, Resized
 
 from medzone_kernel.training import (autocast, choose_device, confusion_matrix, grad_scaler,
                                      patient_split, progress, roc_auc, roc_auc_ovr, save_model,
-                                     seed_everything)
+                                     seed_everything, train_epoch)
 from medzone_kernel.transforms import LoadXRayd, xray_items
 
 seed_everything(seed)
@@ -108,22 +97,16 @@ def predict(x):
 history = []
 train_started = time.time()
 images_seen = 0
-for epoch in progress(range(epochs)):
-    model.train()
-    order = torch.randperm(len(x_train))
-    losses = []
+def augmented_batches(order):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        xb = torch.stack([augment({"image": x})["image"] for x in x_train[idx]]).float().to(device)
-        yb = y_train[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = loss_fn(model(xb).float(), yb)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss))
-        images_seen += len(idx)
+        yield (torch.stack([augment({"image": x})["image"] for x in x_train[idx]]).float().to(device),
+               y_train[idx].to(device))
+
+for epoch in progress(range(epochs)):
+    losses, seen = train_epoch(model, augmented_batches(torch.randperm(len(x_train))),
+                               loss_fn, optimizer, scaler, device)
+    images_seen += seen
     val_probs = predict(x_val)
     val_loss = float(torch.nn.functional.nll_loss(torch.log(torch.as_tensor(val_probs).clamp(min=1e-7)), y_val)) if len(val_probs) else float("nan")
     history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss})

@@ -296,3 +296,36 @@ def test_save_load_round_trip_and_tamper(tmp_path):
     side.unlink()
     with pytest.raises(FileNotFoundError):
         T.load_model(path, _Net())
+
+
+def test_train_epoch_is_the_templates_loop():
+    """The shared epoch gives the very weights and losses of the loop it replaced."""
+    def model_and_optimizer():
+        T.seed_everything(3)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 2
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 10, 4)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    model, optimizer = model_and_optimizer()
+    scaler = T.grad_scaler("cpu")
+    model.train()
+    by_hand = []
+    for xb, yb in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with T.autocast("cpu"):
+            loss = loss_fn(model(xb).float(), yb)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        by_hand.append(float(loss))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer = model_and_optimizer()
+    model.eval()
+    losses, seen = T.train_epoch(model, iter(batches), loss_fn, optimizer, T.grad_scaler("cpu"),
+                                 "cpu")
+    assert model.training and seen == 10 and losses == by_hand
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected))
