@@ -221,3 +221,35 @@ def test_a_killed_runner_leaves_its_run_failed_with_the_reason(zone, wait_templa
     assert row["error"] == runner.PROCESS_GONE
     assert _cli(zone, "audit", "verify").returncode == 0
 
+
+def test_the_portal_starts_lists_and_cancels_through_the_runner(zone, wait_template):  # noqa: F811
+    from tornado import web
+
+    from medzone_hub.portal.runs import RunTracker
+
+    class PortalState:
+        home = zone.home
+        store = zone.store
+        templates_dir = None
+        sandbox_config = None
+
+    tracker = RunTracker(PortalState())
+    name = tracker.start("bob", str(wait_template), [("note", "portal")])
+    assert name.endswith("-wait_probe") and tracker.names("bob")[0] == name
+    deadline = time.monotonic() + 120
+    # The parameters cell, papermill's injected one, then the waiting cell.
+    while (progress := tracker.progress("bob", name))["current_cell"] != 3:
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.2)
+    assert progress["state"] == "running" and progress["cancellable"]
+    assert progress["parameters"] == {"note": "portal"}
+    with pytest.raises(web.HTTPError) as err:
+        tracker.progress("alice", name)  # runs are their owner's
+    assert err.value.status_code == 404
+    with pytest.raises(RuleViolation):
+        with zone.store.session() as session:
+            runner.cancel_run(session, progress["run"], "alice")
+    tracker.cancel("bob", name)
+    progress = tracker.progress("bob", name)
+    assert progress["state"] == "cancelled" and progress["error"] == "cancelled by bob"
+    assert not progress["cancellable"]

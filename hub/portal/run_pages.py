@@ -2,10 +2,11 @@
 
 The form is generated from :func:`medzone_hub.runner.template_parameters` (papermill's
 inspection: names, types, defaults, help); a dataset parameter offers only the person's
-live grants. The run itself is :func:`medzone_hub.runner.run_template` in a background
-thread (papermill inside the person's sandbox, exactly as ``medzone run``). A run's page
-is named after its run folder and reads its state from there (:mod:`.runs`); it polls
-``runs/<folder>.json``.
+live grants. Starting a run is :func:`medzone_hub.runner.prepare_run`, then
+:func:`medzone_hub.runner.execute_run` in a background thread (papermill inside the
+person's sandbox, exactly as ``medzone run``). A run's page is named after its run folder
+and shows the run as the store records it (:mod:`.runs`); it polls ``runs/<folder>.json``
+every second while the run is queued or running, and offers the owner a cancel button.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class RunFormHandler(PortalHandler):
         _path, specs = self._specs(template)
         parameters = submitted_parameters(self, specs)
         runner.check_parameters(specs, parameters)  # a typing mistake is shown before starting
-        # Returns once the run folder exists: a refusal (an ungranted dataset) shows here.
+        # Returns once the run is prepared: a refusal (an ungranted dataset) shows here.
         name = await asyncio.to_thread(self.portal.runs.start, self.user_name, template,
                                        parameters)
         self.redirect(self.url(f"runs/{name}"))
@@ -123,6 +124,15 @@ class RunPageHandler(PortalHandler):
     def get(self, name: str):
         progress = self.portal.runs.progress(self.user_name, name)
         self.render_page("run_progress.html", progress=progress, lab=self.lab_url)
+
+
+class RunCancelHandler(PortalHandler):
+    """POST ``runs/<folder>/cancel``: the owner stops their run."""
+
+    @requires()
+    async def post(self, name: str):
+        await asyncio.to_thread(self.portal.runs.cancel, self.user_name, name)
+        self.redirect(self.url(f"runs/{name}"))
 
 
 class RunStatusHandler(PortalHandler):
@@ -141,5 +151,6 @@ ROUTES = [
     (r"run", TemplatesHandler),
     (r"run/([A-Za-z0-9][A-Za-z0-9_.-]*)", RunFormHandler),
     (rf"runs/{_RUN}\.json", RunStatusHandler),
+    (rf"runs/{_RUN}/cancel", RunCancelHandler),
     (rf"runs/{_RUN}", RunPageHandler),
 ]
