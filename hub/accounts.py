@@ -21,10 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
-from .config import MedZoneHome
+from .config import MedZoneHome, ensure_hub_state
 from .db import open_store
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
-from .hubapp import prepare_state
 from .models import User
 
 #: May review access applications (besides admins).
@@ -150,9 +149,9 @@ def unapprove_account(session, name: str, *, actor: str, via: str = "hub") -> Us
 def hub_db_factory(home: MedZoneHome):
     """Sessions on the hub's own database (where NativeAuthenticator keeps sign-ups and
     passwords), creating it the way JupyterHub would: for code outside the hub process."""
-    paths = prepare_state(home)
-    factory = hub_orm.new_session_factory(f"sqlite:///{paths.db_path}")
-    paths.db_path.chmod(0o600)
+    db_path = ensure_hub_state(home).hub_db_path
+    factory = hub_orm.new_session_factory(f"sqlite:///{db_path}")
+    db_path.chmod(0o600)
     return factory
 
 

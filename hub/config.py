@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import InvalidInput
 
 ENV_HOME = "MEDZONE_HOME"
 ENV_DB_URL = "MEDZONE_DB_URL"
@@ -16,6 +19,9 @@ ENV_DB_URL = "MEDZONE_DB_URL"
 #: (sandbox uids start at 200000); no /etc/group entry is needed.
 DATASET_GID_BASE = 300000
 DATASET_GID_SPAN = 1 << 20
+
+#: The longest path a unix socket may have on Linux (``sun_path`` is 108 bytes).
+MAX_SOCKET_PATH = 107
 
 #: A dataset's folder (published, or staged by ingest): the stored copy, its screening
 #: index (root only) and its manifest.
@@ -83,6 +89,31 @@ class MedZoneHome:
         return self.root / "hub"
 
     @property
+    def hub_db_path(self) -> Path:
+        return self.hub_state_dir / "jupyterhub.sqlite"
+
+    @property
+    def hub_cookie_secret_path(self) -> Path:
+        return self.hub_state_dir / "jupyterhub_cookie_secret"
+
+    @property
+    def portal_cookie_secret_path(self) -> Path:
+        return self.hub_state_dir / "portal_cookie_secret"
+
+    @property
+    def proxy_token_path(self) -> Path:
+        return self.hub_state_dir / "proxy_token"
+
+    @property
+    def server_socket_dir(self) -> Path:
+        """Single-user servers' sockets: the hub's, outside every home."""
+        return self.hub_state_dir / "servers"
+
+    @property
+    def proxy_api_socket(self) -> Path:
+        return self.hub_state_dir / "proxy-api.sock"
+
+    @property
     def run_dir(self) -> Path:
         """Sockets that sandboxes reach (the hub API's folder is bound into each)."""
         return self.root / "run"
@@ -90,6 +121,10 @@ class MedZoneHome:
     @property
     def hub_socket_dir(self) -> Path:
         return self.run_dir / "hub"
+
+    @property
+    def hub_socket(self) -> Path:
+        return self.hub_socket_dir / "hub.sock"
 
     @property
     def sandbox_state_dir(self) -> Path:
@@ -136,6 +171,41 @@ class MedZoneHome:
             except PermissionError:
                 pass  # not ours to change (another account's home): leave it as it is
         return self
+
+
+def ensure_hub_state(home: MedZoneHome) -> MedZoneHome:
+    """Create the hub's folders and secrets with their modes; idempotent: ``hub/`` 0700 with
+    the proxy token, cookie secret and JupyterHub's database 0600; ``run/`` and
+    ``run/hub/`` 0755 (a sandbox reaches the hub's socket through them)."""
+    home.ensure()
+    home.hub_state_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(home.hub_state_dir, 0o700)
+    for d in (home.run_dir, home.hub_socket_dir):
+        d.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)
+    if len(str(home.proxy_api_socket).encode()) > MAX_SOCKET_PATH:
+        raise InvalidInput(f"MEDZONE_HOME {home.root} is too long for unix sockets: "
+                           "use a shorter path")
+    for path in (home.proxy_token_path, home.hub_cookie_secret_path):
+        if not path.exists():
+            # JupyterHub reads the cookie secret as hex.
+            write_secret(path, secrets.token_hex(32))
+    db_path = home.hub_db_path
+    if not db_path.exists():
+        # Created 0600 here so that SQLite gives JupyterHub's -journal/-wal files 0600 too.
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for f in (home.proxy_token_path, home.hub_cookie_secret_path, db_path,
+              *(db_path.with_name(db_path.name + s) for s in ("-journal", "-wal", "-shm"))):
+        if f.exists():
+            os.chmod(f, 0o600)
+    return home
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write a new secret file, 0600 from its creation."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
 
 
 def resolve_home(explicit: str | os.PathLike | None = None) -> MedZoneHome:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -39,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .config import ENV_HOME, MedZoneHome, resolve_home
+from .config import ENV_HOME, MAX_SOCKET_PATH, MedZoneHome, ensure_hub_state, resolve_home
 from .processes import pid_alive
-from .errors import Conflict, InvalidInput, MedZoneError
+from .errors import Conflict, MedZoneError
 
 #: Environment the config file reads (set by :func:`run_hub`).
 ENV_HUB_IP = "MEDZONE_HUB_IP"
@@ -55,13 +54,12 @@ DEFAULT_PORT = 8000
 #: The package's default hub config (``hub/jupyterhub_config.py``).
 DEFAULT_CONFIG = Path(__file__).with_name("jupyterhub_config.py")
 
-#: The longest path a unix socket may have on Linux (``sun_path`` is 108 bytes).
-MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
 class HubPaths:
-    """Where the hub keeps its state and sockets, derived from ``MEDZONE_HOME``."""
+    """Where the hub keeps its state and sockets: :class:`MedZoneHome`'s hub paths, with
+    the proxy's files and the URLs JupyterHub and the proxy are given."""
 
     home: MedZoneHome
 
@@ -71,24 +69,24 @@ class HubPaths:
 
     @property
     def db_path(self) -> Path:
-        return self.state_dir / "jupyterhub.sqlite"
+        return self.home.hub_db_path
 
     @property
     def cookie_secret(self) -> Path:
-        return self.state_dir / "jupyterhub_cookie_secret"
+        return self.home.hub_cookie_secret_path
 
     @property
     def proxy_token(self) -> Path:
-        return self.state_dir / "proxy_token"
+        return self.home.proxy_token_path
 
     @property
     def server_socket_dir(self) -> Path:
         """Single-user servers' sockets: the hub's, outside every home."""
-        return self.state_dir / "servers"
+        return self.home.server_socket_dir
 
     @property
     def proxy_api_socket(self) -> Path:
-        return self.state_dir / "proxy-api.sock"
+        return self.home.proxy_api_socket
 
     @property
     def proxy_pid(self) -> Path:
@@ -116,7 +114,7 @@ class HubPaths:
 
     @property
     def hub_socket(self) -> Path:
-        return self.hub_socket_dir / "hub.sock"
+        return self.home.hub_socket
 
     # URLs -------------------------------------------------------------------------------
 
@@ -141,29 +139,7 @@ def hub_paths(home: MedZoneHome) -> HubPaths:
 
 def prepare_state(home: MedZoneHome) -> HubPaths:
     """Create the hub's directories and secrets with their modes; idempotent."""
-    home.ensure()
-    paths = HubPaths(home)
-    paths.state_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(paths.state_dir, 0o700)
-    for d in (paths.run_dir, paths.hub_socket_dir):
-        d.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(d, 0o755)
-    if len(str(paths.proxy_api_socket).encode()) > MAX_SOCKET_PATH:
-        raise InvalidInput(f"MEDZONE_HOME {home.root} is too long for unix sockets: "
-                           "use a shorter path")
-    if not paths.proxy_token.exists():
-        _write_secret(paths.proxy_token, secrets.token_hex(32))
-    if not paths.cookie_secret.exists():
-        # JupyterHub reads the file as hex.
-        _write_secret(paths.cookie_secret, secrets.token_hex(32))
-    if not paths.db_path.exists():
-        # Created 0600 here so that SQLite gives JupyterHub's -journal/-wal files 0600 too.
-        os.close(os.open(paths.db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    for f in (paths.proxy_token, paths.cookie_secret, paths.db_path,
-              *(paths.db_path.with_name(paths.db_path.name + s) for s in ("-journal", "-wal", "-shm"))):
-        if f.exists():
-            os.chmod(f, 0o600)
-    return paths
+    return HubPaths(ensure_hub_state(home))
 
 
 def secure_home(home: MedZoneHome) -> list[str]:
@@ -180,12 +156,6 @@ def secure_home(home: MedZoneHome) -> list[str]:
         if f.is_file() and not f.is_symlink():
             os.chmod(f, 0o600)
     return seal_datasets(home)
-
-
-def _write_secret(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
 
 
 def read_secret(path: Path) -> str:

@@ -466,7 +466,7 @@ def recorded_run(session, user: str, notebook: str) -> dict[str, Any] | None:
     from .models import AuditEvent
 
     stem = PurePosixPath(notebook).stem
-    inside = f"/home/{user}/{notebook.lstrip('/')}"
+    inside = f"{contract.home_inside(user)}/{notebook.lstrip('/')}"
     rows = session.scalars(select(AuditEvent).where(
         AuditEvent.subject == f"template:{stem}", AuditEvent.action == "run.execute",
         AuditEvent.actor == user).order_by(AuditEvent.seq.desc()))

@@ -23,7 +23,8 @@ from tornado import ioloop, web
 from traitlets import Integer, Unicode, default
 from traitlets.config import Application
 
-from ..config import MedZoneHome, resolve_home
+from ..config import MedZoneHome, ensure_hub_state, resolve_home, write_secret
+from ..accounts import hub_db_factory
 from ..db import open_store
 from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
@@ -111,13 +112,9 @@ def handlers(prefix: str) -> list:
 
 def cookie_secret(home: MedZoneHome) -> bytes:
     """The portal's cookie secret, kept (0600) beside the hub's so logins survive restarts."""
-    from ..hubapp import prepare_state
-
-    path = prepare_state(home).state_dir / "portal_cookie_secret"
+    path = ensure_hub_state(home).portal_cookie_secret_path
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
+        write_secret(path, secrets.token_hex(32))
     return bytes.fromhex(path.read_text().strip())
 
 

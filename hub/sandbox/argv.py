@@ -10,6 +10,8 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
+from medzone_kernel import contract
+
 from ..errors import InvalidInput
 from .policy import MANIFESTS_INSIDE, SandboxError, SandboxPolicy, check_binds
 from .resources import cgroup_members
@@ -92,16 +94,16 @@ def bwrap_argv(
              "--tmpfs", "/dev/shm", *_size(policy.tmp_size_bytes), "--tmpfs", "/tmp",
              "--dir", "/var/tmp"]
     # /data: its own tmpfs holding one read-only bind per grant, then made read-only itself.
-    argv += ["--tmpfs", "/data"]
+    argv += ["--tmpfs", contract.DATA_INSIDE]
     for dataset_id, source in sorted(policy.datasets.items()):
-        argv += ["--ro-bind", str(source), f"/data/{dataset_id}"]
-    argv += ["--remount-ro", "/data"]
+        argv += ["--ro-bind", str(source), contract.dataset_inside(dataset_id)]
+    argv += ["--remount-ro", contract.DATA_INSIDE]
     # The granted datasets' manifests (what is in them), the same way: nothing else of
     # MEDZONE_HOME/datasets/<id>, the screening index least of all.
     argv += ["--tmpfs", MANIFESTS_INSIDE]
     for dataset_id, source in sorted(policy.manifests.items()):
         if dataset_id in policy.datasets:
-            argv += ["--ro-bind", str(source), f"{MANIFESTS_INSIDE}/{dataset_id}.json"]
+            argv += ["--ro-bind", str(source), contract.manifest_inside(dataset_id)]
     argv += ["--remount-ro", MANIFESTS_INSIDE]
     argv += ["--bind", str(policy.home_host), policy.home_inside]
     for source, dest in [*policy.ro_binds, *extra_ro_binds]:

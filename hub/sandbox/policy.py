@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medzone_kernel import contract
+
 from ..config import DATASET_GID_BASE, DATASET_GID_SPAN, MedZoneHome
 from ..errors import InvalidInput, MedZoneError, RuleViolation
 from . import seccomp
@@ -66,7 +68,7 @@ ETC_ENTRIES = (
 PROJECT_PACKAGES = ("medzone_hub", "medzone_kernel")
 
 #: Where each granted dataset's manifest appears inside a sandbox, as ``<id>.json``.
-MANIFESTS_INSIDE = "/run/medzone/manifests"
+MANIFESTS_INSIDE = contract.MANIFESTS_INSIDE
 
 
 class SandboxError(MedZoneError):
@@ -184,12 +186,12 @@ class SandboxPolicy:
 
 
 def homes_dir(home: MedZoneHome) -> Path:
-    return home.root / "homes"
+    return home.homes_dir
 
 
 def sandbox_state_dir(home: MedZoneHome) -> Path:
     """Host-side sandbox bookkeeping (the GPU registry); never bound into a sandbox."""
-    return home.root / "sandbox"
+    return home.sandbox_state_dir
 
 
 def build_policy(home: MedZoneHome, account: AccountFacts, granted: Iterable[str], *,
@@ -212,16 +214,16 @@ def build_policy(home: MedZoneHome, account: AccountFacts, granted: Iterable[str
     datasets: dict[str, Path] = {}
     manifests: dict[str, Path] = {}
     for dataset_id in granted:
-        data = (home.dataset_dir(dataset_id) / "data").resolve()
+        data = home.dataset_data_dir(dataset_id).resolve()
         if not data.is_dir() or datasets_root not in data.parents:
             notes.append(f"dataset {dataset_id!r} is granted but its stored copy is missing")
             continue
         datasets[dataset_id] = data
-        manifest = (home.dataset_dir(dataset_id) / "manifest.json").resolve()
+        manifest = home.dataset_manifest_path(dataset_id).resolve()
         if manifest.is_file() and datasets_root in manifest.parents:
             manifests[dataset_id] = manifest
 
-    home_inside = f"/home/{user}"
+    home_inside = contract.home_inside(user)
     prefix = config.python_prefix or sys.prefix
     env = {
         "HOME": home_inside,
@@ -232,8 +234,8 @@ def build_policy(home: MedZoneHome, account: AccountFacts, granted: Iterable[str
         "TMPDIR": "/tmp",
         "SHELL": "/bin/sh",
         "MEDZONE_USER": user,
-        "MEDZONE_DATA": "/data",
-        "MEDZONE_MANIFESTS": MANIFESTS_INSIDE,
+        contract.ENV_DATA: contract.DATA_INSIDE,
+        contract.ENV_MANIFESTS: contract.MANIFESTS_INSIDE,
     }
     if Path(prefix, "pyvenv.cfg").is_file():
         env["VIRTUAL_ENV"] = prefix
@@ -371,7 +373,7 @@ def check_binds(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]]
     if policy.zone_root is None:
         return
     zone = str(policy.zone_root)
-    reserved = (policy.home_inside, "/data", MANIFESTS_INSIDE, "/proc", "/dev")
+    reserved = (policy.home_inside, contract.DATA_INSIDE, MANIFESTS_INSIDE, "/proc", "/dev")
     for source, dest in [*policy.system_ro_binds, *policy.ro_binds, *extra_ro_binds]:
         real = os.path.realpath(source)
         if _under(zone, real) or _under(zone, source):
