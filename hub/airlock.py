@@ -54,7 +54,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import audit, indexes, staging
+from . import __version__, audit, indexes, screen, staging
 from .access import screening_datasets
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
@@ -63,9 +63,11 @@ from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolatio
 from .homefs import FileTooLarge, UserHome, parts_of
 from .manifest import sha256_file
 from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, as_utc
-from .previews import NO_PREVIEW_APPROVALS, add_preview_findings, needs_download
+from .previews import NO_PREVIEW_APPROVALS, add_preview_findings, needs_download, preview_kind
 from .registry import get_dataset
 from .risk_report import parse_risk_report
+from .runner import run_base
+from .screen.model import RULE_MODEL_WEIGHTS
 
 #: Approvals a ``review`` request needs unless its datasets say otherwise.
 DEFAULT_REVIEW_APPROVALS = 2
@@ -351,8 +353,6 @@ def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
             dataset_ids: Sequence[str], screen_config=None,
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Screen the quarantined files; (per-file results in *rel_paths* order, settings)."""
-    from . import screen
-
     config = screen_config or screen.ScreenConfig()  # the hub config's, when a face gives it
     loaded = indexes.load_indexes(home, dataset_ids) if dataset_ids else ()
     verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=loaded,
@@ -400,8 +400,6 @@ def _plain(value) -> Any:
 
 
 def _tool_versions(screen_module) -> dict[str, str]:
-    from . import __version__
-
     versions = {"medzone": __version__, "python": platform.python_version()}
     screen_version = getattr(screen_module, "__version__", None)
     if screen_version:
@@ -755,8 +753,6 @@ def approvals(request: ExportRequest) -> list[ExportReview]:
 
 def model_weight_paths(request: ExportRequest) -> list[str]:
     """Paths of the request's files that the screen flagged as model weights."""
-    from .screen.model import RULE_MODEL_WEIGHTS
-
     return [f.path for f in request.files
             if any(finding.get("rule") == RULE_MODEL_WEIGHTS for finding in f.findings or ())]
 
@@ -1103,8 +1099,6 @@ def notebook_views(home: MedZoneHome, request: ExportRequest,
 
     import nbformat
 
-    from .previews import preview_kind
-
     if session is None:
         session = Session.object_session(request)
     if session is None:  # a request read in a session since closed: look the runs up anew
@@ -1140,8 +1134,6 @@ def notebook_base(home: MedZoneHome, session: Session, user: str, path: str) -> 
     """The diff base of *user*'s notebook *path* (relative to the home): the hub's own copy
     of the template, by the sha256 the ``run.execute`` row of the run that wrote *path*
     records; ``None`` when no such run (or no kept copy) exists."""
-    from .runner import run_base
-
     return run_base(home, session, user, path)
 
 

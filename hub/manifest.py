@@ -143,3 +143,20 @@ class ManifestBuilder:
         raw = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True).encode() + b"\n"
         path.write_bytes(raw)
         return data, hashlib.sha256(raw).hexdigest()
+
+
+def dataset_stats(home, dataset) -> dict:
+    """What the catalog shows of *dataset* (a registry row): patients, files and bytes
+    from the registry; series and images from its stored manifest, if any (read each
+    time: it is small and written once, at ingest)."""
+    stats = {"patients": dataset.n_patients, "series": None, "images": None,
+             "files": dataset.n_files, "bytes": dataset.n_bytes}
+    try:
+        manifest = json.loads(home.dataset_manifest_path(dataset.id).read_text())
+    except (OSError, ValueError):
+        return stats
+    series = manifest.get("series") if isinstance(manifest, dict) else None
+    if isinstance(series, list):
+        stats["series"] = len(series)
+        stats["images"] = sum(int(s.get("images") or 0) for s in series if isinstance(s, dict))
+    return stats

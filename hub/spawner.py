@@ -49,8 +49,7 @@ from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
 from medzone_kernel import contract
 
-from . import sandbox
-from . import sessions
+from . import access, audit, sandbox, sessions
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
@@ -344,8 +343,6 @@ class SafeZoneSpawner(Spawner):
         )
 
     def _audit(self, action: str, detail: dict) -> None:
-        from . import audit
-
         with open_store(self.home).session() as session:
             audit.append(session, actor="hub", action=action, subject=f"user:{self.user.name}",
                          detail=detail)
@@ -486,8 +483,6 @@ class SafeZoneSpawner(Spawner):
 
     def _grants_ended(self) -> list[str]:
         """Datasets mounted at start that are no longer live grants (expiry recorded)."""
-        from . import access
-
         with open_store(self.home).session() as session:
             access.expire_due(session)
             live = set(access.live_grants(session, self.user.name))

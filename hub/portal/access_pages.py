@@ -10,6 +10,8 @@ from sqlalchemy import select
 from tornado import web
 
 from .. import access, registry
+from ..accounts import decide_account
+from ..manifest import dataset_stats
 from ..errors import InvalidInput
 from ..models import User, utcnow
 from . import roles
@@ -58,24 +60,6 @@ class CatalogHandler(PortalHandler):
                      "stats": dataset_stats(self.home, d)} for d in datasets]
         page = paginate(rows, self.page_number(), self.portal.page_size)
         self.render_page("catalog.html", page=page)
-
-
-def dataset_stats(home, dataset) -> dict:
-    """Patients from the registry; series and images from the stored manifest, if any
-    (a manifest is read each time: it is small and written once, at ingest)."""
-    import json
-
-    stats = {"patients": dataset.n_patients, "series": None, "images": None,
-             "files": dataset.n_files, "bytes": dataset.n_bytes}
-    try:
-        manifest = json.loads(home.dataset_manifest_path(dataset.id).read_text())
-    except (OSError, ValueError):
-        return stats
-    series = manifest.get("series") if isinstance(manifest, dict) else None
-    if isinstance(series, list):
-        stats["series"] = len(series)
-        stats["images"] = sum(int(s.get("images") or 0) for s in series if isinstance(s, dict))
-    return stats
 
 
 class ApplyHandler(PortalHandler):
@@ -166,8 +150,6 @@ class AccountDecisionHandler(PortalHandler):
 
     @requires(roles.STEWARD)
     def post(self, name: str, action: str):
-        from ..accounts import decide_account
-
         db = self.portal.hub_db()
         try:
             with self.store.session() as session:

@@ -28,7 +28,8 @@ from ..accounts import hub_db_factory
 from ..db import open_store
 from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
-from . import SERVICE_NAME
+from . import SERVICE_NAME, access_pages, audit_page, export_pages, run_pages
+from .runs import RunTracker
 
 #: The portal's page templates and style sheet: package data, found in a wheel install too.
 HERE = Path(str(resources.files(__package__)))
@@ -59,8 +60,6 @@ class Portal:
         """A session on the hub's database, where NativeAuthenticator keeps sign-ups (the
         accounts the steward queue approves); the caller closes it."""
         if self._hub_db_factory is None:
-            from ..accounts import hub_db_factory
-
             self._hub_db_factory = hub_db_factory(self.home)
         return self._hub_db_factory()
 
@@ -95,8 +94,6 @@ def human_size(n: int | None) -> str:
 
 def handlers(prefix: str) -> list:
     from jupyterhub.services.auth import HubOAuthCallbackHandler
-
-    from . import access_pages, audit_page, export_pages, run_pages
 
     routes = [
         (r"oauth_callback", HubOAuthCallbackHandler),
@@ -157,8 +154,6 @@ class PortalApp(Application):
             self.update_config(self.cli_config)
 
     def make_app(self) -> web.Application:
-        from .runs import RunTracker
-
         home = resolve_home(self.medzone_home or None).ensure()
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
         base_url = os.environ.get("JUPYTERHUB_BASE_URL", "/")
