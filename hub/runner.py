@@ -72,10 +72,10 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .config import MedZoneHome
-from .homefs import UserHome
 from medzone_kernel import contract
 
+from .config import MedZoneHome
+from .homefs import UserHome
 from .manifest import sha256_file
 from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .models import utcnow
