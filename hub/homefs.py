@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .accounts import validate_user_name
 from .errors import InvalidInput, NotFound, RuleViolation
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -73,8 +74,6 @@ class UserHome:
         """*user*'s home in the zone *home* (a :class:`~medzone_hub.config.MedZoneHome`),
         owned by whoever owns the home folder itself: ``homes/`` is root's, so the home
         folder's owner (read from its descriptor) is the user's uid as the host sees it."""
-        from .accounts import validate_user_name
-
         validate_user_name(user)
         path = home.user_home(user)
         try:

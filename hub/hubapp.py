@@ -39,8 +39,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import ENV_HOME, MAX_SOCKET_PATH, MedZoneHome, ensure_hub_state, resolve_home
-from .processes import pid_alive
+from .db import secure_sqlite_file
 from .errors import Conflict, MedZoneError
+from .ingest import seal_datasets
+from .processes import pid_alive
 
 #: Environment the config file reads (set by :func:`run_hub`).
 ENV_HUB_IP = "MEDZONE_HUB_IP"
@@ -146,9 +148,6 @@ def secure_home(home: MedZoneHome) -> list[str]:
     """At hub start: the store, secrets and hub state owner-only, and every stored dataset
     sealed to its own group (:func:`medzone_hub.ingest.seal_datasets`: datasets published
     before datasets had groups are repaired). The ids of the datasets repaired."""
-    from .db import secure_sqlite_file
-    from .ingest import seal_datasets
-
     home.ensure()
     if not os.environ.get("MEDZONE_DB_URL"):
         secure_sqlite_file(home.sqlite_path)

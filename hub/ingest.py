@@ -24,10 +24,17 @@ from . import staging
 from .config import (DATASET_DATA, DATASET_GID_BASE, DATASET_GID_SPAN, DATASET_INDEX,
                      DATASET_MANIFEST, MedZoneHome)
 from .errors import Conflict, IngestRefused, InvalidInput, MedZoneError
-from .indexes import screening_index_key
 from .deid.dicom import clear_caches as clear_deid_caches
+from .deid.dicom import deidentify_dicom, dicom_findings
+from .deid.nifti import deidentify_nifti, nifti_findings
+from .deid.profile import profile_description
+from .deid.pseudonym import Pseudonymizer
+from .deid.tables import deidentify_table, read_csv_table, table_findings
+from .indexes import screening_index_key
 from .manifest import ManifestBuilder
-from .screen.index import InvalidIndex
+from .registry import dataset_exists, register_dataset, validate_dataset_id
+from .screen.index import InvalidIndex, ScreeningIndexBuilder
+from .screen.recognizers import find_identifiers
 
 SUPPORTED = "DICOM files, CSV tables and NIfTI images"
 ENV_KEY_FILE = "MEDZONE_PSEUDONYM_KEY_FILE"
@@ -167,8 +174,6 @@ def read_dicom(src: SourceFile):
 
 
 def read_table(src: SourceFile):
-    from .deid.tables import read_csv_table
-
     try:
         return read_csv_table(src.path)
     except UnicodeDecodeError:
@@ -330,8 +335,6 @@ def _carries_identity(auto: ahocorasick.Automaton | None, text: str) -> bool:
 
 def identity_survivors(root: Path, values: set[str]) -> list[str]:
     """Stored files whose name or bytes still contain an original identity value."""
-    from .screen.recognizers import find_identifiers
-
     auto = _identity_automaton(values)
     bad = []
     for dirpath, _, filenames in os.walk(root):
@@ -353,9 +356,6 @@ def ingest_dataset(home: MedZoneHome, store, dataset_id: str, source: Path, *,
                    progress: bool = True) -> IngestReport:
     """Validate ``source`` and publish it as dataset ``dataset_id`` (see the module docstring)."""
     from tqdm import tqdm
-
-    from .deid.pseudonym import Pseudonymizer
-    from .registry import dataset_exists, register_dataset, validate_dataset_id
 
     started = time.perf_counter()
     dataset_id = validate_dataset_id(dataset_id)
@@ -426,9 +426,6 @@ class _Staging:
     """
 
     def __init__(self, home: MedZoneHome, dataset_id: str, title: str, pz, index_key: bytes):
-        from .deid.profile import profile_description
-        from .screen.index import ScreeningIndexBuilder
-
         self.folder = staging.stage(home.staging_dir, dataset_id)
         self.root = self.folder.path
         self.data = self.root / DATASET_DATA
@@ -466,8 +463,6 @@ class _Staging:
         self.patient_ids.update(str(p) for p in patient_ids if p)
 
     def _add_table(self, src: SourceFile) -> None:
-        from .deid.tables import deidentify_table, table_findings
-
         frame = read_table(src)
         if self.pz is None:
             out = self._copy(src)
@@ -482,8 +477,6 @@ class _Staging:
         self.manifest.add_table(out, out.relative_to(self.data), frame)
 
     def _add_dicom(self, src: SourceFile) -> None:
-        from .deid.dicom import deidentify_dicom, dicom_findings
-
         ds = read_dicom(src)
         if self.pz is None:
             out = self._copy(src)
@@ -500,8 +493,6 @@ class _Staging:
     def _add_nifti(self, src: SourceFile) -> None:
         import nibabel as nib
 
-        from .deid.nifti import deidentify_nifti, nifti_findings
-
         img = read_nifti(src)
         if self.pz is None:
             out = self._copy(src)
@@ -515,8 +506,6 @@ class _Staging:
 
     def finish(self) -> tuple[dict, str]:
         """Refuse on any finding; else write the index and manifest and seal the folder."""
-        from .screen.recognizers import find_identifiers
-
         if self.pz is None:
             self.findings += [f"{e['path']}: file or folder name (looks like an identifier)"
                               for e in self.manifest.files if find_identifiers(e["path"])]

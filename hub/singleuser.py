@@ -39,6 +39,8 @@ from jupyter_server.services.contents.largefilemanager import AsyncLargeFileMana
 from tornado import web
 from traitlets import Integer
 
+from . import kernelspec
+
 try:
     from jupyter_server.auth.decorator import allow_unauthenticated
 except ImportError:  # pragma: no cover - jupyter_server < 2.13
@@ -167,8 +169,6 @@ def server_config(socket_path: str, *, terminals: bool = False,
                   jupyter_data_dir: str = "/tmp/.medzone-jupyter"):
     """The jupyter_server config MedZone's single-user server runs with."""
     from traitlets.config import Config
-
-    from . import kernelspec
 
     c = Config()
     c.ServerApp.sock = socket_path

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tables import DISCLOSURE_THRESHOLD, suppress_grid
+
 MODEL_FORMAT = "medzone-model/1"
 DEFAULT_FPS_PER_SCAN = (0.125, 0.25, 0.5, 1, 2, 4, 8)
 
@@ -371,8 +373,6 @@ def confusion_matrix(y_true, y_pred, classes: Sequence, *, safe: bool = False,
     frame = pd.DataFrame(grid, index=pd.Index(classes, name="true"),
                          columns=pd.Index(classes, name="predicted"))
     if safe:
-        from .tables import DISCLOSURE_THRESHOLD, suppress_grid
-
         return suppress_grid(frame, threshold=threshold or DISCLOSURE_THRESHOLD)
     return frame
 

@@ -88,10 +88,7 @@ LOCAL_IMPORTS_ALLOWED = {
 #: Modules whose function-local imports of the project are still to be hoisted (the CLI's
 #: per-command imports, the runner's and ingest's, in files other work is changing now).
 #: Remove a module when its last one is gone.
-PENDING_LOCAL_IMPORTS = {
-    "medzone_hub.cli", "medzone_hub.runner", "medzone_hub.ingest", "medzone_hub.hubapp",
-    "medzone_hub.homefs", "medzone_hub.singleuser", "medzone_kernel.training",
-}
+PENDING_LOCAL_IMPORTS = {"medzone_hub.cli", "medzone_hub.runner"}
 
 
 def _local_project_imports():
