@@ -17,12 +17,11 @@ import bcrypt
 from jupyterhub import orm as hub_orm
 from nativeauthenticator.orm import UserInfo
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
 from .config import MedZoneHome, ensure_hub_state
-from .db import open_store
+from .db import add_unique, open_store
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
 from .models import User
 
@@ -70,16 +69,11 @@ def add_user(
     if name in RESERVED_NAMES:
         raise InvalidInput(f"user name {name!r} is reserved")
     roles = sorted({validate_role(role) for role in roles})
+    exists = f"user {name!r} already exists"
     if session.scalar(select(User.id).where(User.name == name)) is not None:
-        raise Conflict(f"user {name!r} already exists")
+        raise Conflict(exists)
     user = User(name=name, admin=bool(admin), approved=bool(approved), roles=roles)
-    try:
-        # A savepoint, so losing a race with a concurrent add leaves the caller's
-        # transaction usable and reads as the same Conflict.
-        with session.begin_nested():
-            session.add(user)
-    except IntegrityError:
-        raise Conflict(f"user {name!r} already exists") from None
+    add_unique(session, user, exists)
     audit.append(
         session,
         actor=actor,

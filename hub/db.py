@@ -24,11 +24,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import MedZoneHome
-from .errors import InvalidInput, MedZoneError
+from .errors import Conflict, InvalidInput, MedZoneError
 
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_BUSY_TIMEOUT = 30
@@ -200,3 +200,14 @@ def _serialise_sqlite_writers(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def add_unique(session: Session, row, conflict: str) -> None:
+    """Add *row*, whose key must be new, in a savepoint: losing a race with a concurrent
+    insert of the same key leaves the caller's transaction usable and reads as
+    :class:`Conflict` with the message *conflict*, as a key found earlier would."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        raise Conflict(conflict) from None

@@ -12,10 +12,10 @@ import re
 from collections.abc import Iterable
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
+from .db import add_unique
 from .errors import Conflict, InvalidInput, NotFound
 from .models import Dataset
 
@@ -87,15 +87,10 @@ def register_dataset(
         modalities=_modalities(modalities),
         registered_by=actor,
     )
+    exists = f"dataset {dataset_id!r} is already registered"
     if dataset_exists(session, dataset_id):
-        raise Conflict(f"dataset {dataset_id!r} is already registered")
-    try:
-        # A savepoint, so losing a race with a concurrent registration reads as the same
-        # Conflict and leaves the caller's transaction usable.
-        with session.begin_nested():
-            session.add(dataset)
-    except IntegrityError:
-        raise Conflict(f"dataset {dataset_id!r} is already registered") from None
+        raise Conflict(exists)
+    add_unique(session, dataset, exists)
     audit.append(
         session,
         actor=actor,

@@ -835,21 +835,18 @@ def run_template(
     user: str,
     template: str,
     parameters: Sequence[tuple[str, str]] = (),
-    *,
-    templates_dir: str | os.PathLike | None = None,
-    config=None,
-    now: datetime | None = None,
+    **options,
 ) -> RunResult:
     """Run *template* as *user* with ``(name, raw value)`` *parameters* (module docstring):
-    :func:`prepare_run` then :func:`execute_run`, in this process.
+    :func:`prepare_run` (which takes the keyword *options*: ``templates_dir``, ``config``,
+    ``now``) then :func:`execute_run`, in this process.
 
     Returns the :class:`RunResult`; raises :class:`InvalidInput`/:class:`NotFound` for a bad
     template or parameter, :class:`RuleViolation` for an ungranted dataset, and
     :class:`RunFailed` (partial notebook kept) when the notebook fails.
     """
-    run = prepare_run(home, store, user, template, parameters, templates_dir=templates_dir,
-                      config=config, now=now)
-    return execute_run(home, store, run.id, config=config)
+    run = prepare_run(home, store, user, template, parameters, **options)
+    return execute_run(home, store, run.id, config=options.get("config"))
 
 
 # --- runs in the store -----------------------------------------------------------------

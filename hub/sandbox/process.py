@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from ..config import MedZoneHome
 from .argv import bwrap_argv
 from .policy import SandboxError, SandboxPolicy, homes_dir
 from .resources import GpuRegistry, release_gpu, release_resources, remove_cgroup, sandbox_cgroup
+
+log = logging.getLogger(__name__)
 
 #: The keeper's command line before bubblewrap's: a shell in its own session that stays
 #: the sandbox monitor's parent when the process that started it exits (a hub restart),
@@ -218,6 +220,23 @@ class SandboxProcess:
                    gpu_key=state.get("gpu_key") or None)
 
 
+def _prepare_start(policy: SandboxPolicy, home: MedZoneHome | None,
+                   extra_ro_binds: Sequence[tuple[str, str]]) -> tuple[Path | None, str | None]:
+    """What every start does first: the home (with *home*), the bind sources checked, and
+    the policy's cgroup — ``(cgroup, reason it could not be made)``. On failure whatever was
+    reserved is released."""
+    cgroup = None
+    try:
+        if home is not None:
+            ensure_home(home, policy)
+        check_reachable(policy, extra_ro_binds)
+        cgroup, reason = sandbox_cgroup(policy)
+    except BaseException:
+        release_resources(policy, cgroup)
+        raise
+    return cgroup, reason
+
+
 async def start_sandboxed(
     policy: SandboxPolicy,
     command: Sequence[str],
@@ -240,12 +259,8 @@ async def start_sandboxed(
     reservation, if any, is tied to the started process.
     """
     extra_ro_binds = [tuple(b) for b in extra_ro_binds]
-    cgroup = None
+    cgroup, reason = _prepare_start(policy, home, extra_ro_binds)
     try:
-        if home is not None:
-            ensure_home(home, policy)
-        check_reachable(policy, extra_ro_binds)
-        cgroup, reason = sandbox_cgroup(policy)
         read_end, write_end = os.pipe()
     except BaseException:
         release_resources(policy, cgroup)
@@ -296,14 +311,10 @@ def run_sandboxed(policy: SandboxPolicy, command: Sequence[str], *,
     *on_start* is called with bubblewrap's monitor pid once it runs (a template run records
     it, to be cancelled: killing the monitor takes the sandbox down, ``--die-with-parent``)."""
     extra_ro_binds = [tuple(b) for b in extra_ro_binds]
-    cgroup = None
+    cgroup, reason = _prepare_start(policy, home, extra_ro_binds)
+    if reason:
+        log.warning("warning: %s", reason)
     try:
-        if home is not None:
-            ensure_home(home, policy)
-        check_reachable(policy, extra_ro_binds)
-        cgroup, reason = sandbox_cgroup(policy)
-        if reason:
-            print(f"medzone: warning: {reason}", file=sys.stderr)
         argv = bwrap_argv(policy, list(command), cgroup=cgroup, extra_ro_binds=extra_ro_binds,
                           extra_env=extra_env)
         try:
