@@ -66,11 +66,7 @@ RULES = [
 
 #: Modules that import each other today, and what removes the cycle. Remove a line when
 #: its cycle is gone.
-PENDING_CYCLES = [
-    # The sandbox package's split (issue 11 item 2): the policy and the resources
-    # (GPU registry, cgroups) import each other.
-    ["medzone_hub.sandbox.policy", "medzone_hub.sandbox.resources"],
-]
+PENDING_CYCLES: list[list[str]] = []
 
 #: Imports that break a rule today and are being moved, each with the module, the target,
 #: and what removes it. Remove a line when its import is gone (the test says so).

@@ -6,6 +6,7 @@ rules, :mod:`medzone_hub.sessions`, builds the policy from them):
 * :mod:`.policy` — :class:`SandboxConfig` (the zone's settings), :class:`SandboxPolicy`
   and the pure builder :func:`build_policy` (account facts and granted datasets in);
 * :mod:`.argv` — the bubblewrap command line of a policy (:func:`bwrap_argv`);
+* :mod:`.gpus` — :class:`GpuDevice`, the GPU a policy is given;
 * :mod:`.resources` — GPUs (detect, choose, the registry: :func:`reserve_gpu`) and cgroups
   (:func:`sandbox_cgroup`), taken and freed explicitly;
 * :mod:`.process` — the lifecycle the spawner, ``medzone sandbox exec`` and template runs
@@ -17,6 +18,7 @@ See ``docs/sandbox.md``.
 
 from . import seccomp
 from .argv import bwrap_argv
+from .gpus import GpuDevice
 from .policy import (
     DATASET_GID_BASE,
     MANIFESTS_INSIDE,
@@ -46,7 +48,6 @@ from .process import (
     start_sandboxed,
 )
 from .resources import (
-    GpuDevice,
     GpuRegistry,
     cgroup1_parents,
     cgroup2_mount,

@@ -38,16 +38,13 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from medzone_kernel import contract
 
 from ..config import DATASET_GID_BASE, DATASET_GID_SPAN, MedZoneHome
 from ..errors import InvalidInput, MedZoneError, RuleViolation
 from . import seccomp
-
-if TYPE_CHECKING:
-    from .resources import GpuDevice
+from .gpus import GpuDevice
 
 #: Top-level system folders bound read-only (or re-created as the host's symlink).
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")

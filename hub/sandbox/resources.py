@@ -16,11 +16,11 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Conflict, InvalidInput
 from ..processes import pid_alive
+from .gpus import GpuDevice
 from .policy import SandboxConfig, SandboxError, SandboxPolicy, _under
 
 #: NVIDIA nodes every CUDA process needs besides its GPU's own ``/dev/nvidiaN``.
@@ -33,20 +33,6 @@ _GPU_NODE = re.compile(r"nvidia(\d+)")
 
 
 # --- GPUs ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GpuDevice:
-    """One GPU: ``/dev/nvidia<index>``; ``uuid`` (``GPU-…``) when the driver tells it."""
-
-    index: int
-    path: str
-    uuid: str | None = None
-
-    @property
-    def cuda_id(self) -> str:
-        # A UUID names the same GPU however the driver numbers the visible ones.
-        return self.uuid or str(self.index)
-
 
 
 def detect_gpus(dev: str = "/dev", driver_proc: str = "/proc/driver/nvidia/gpus") -> list[GpuDevice]:
