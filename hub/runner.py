@@ -74,12 +74,16 @@ from typing import Any
 
 from medzone_kernel import contract
 
+from . import audit
+from .access import live_grants
+from .accounts import get_user
 from .config import MedZoneHome
 from .homefs import UserHome
 from .manifest import sha256_file
 from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
-from .models import utcnow
-from .sandbox import proc_start_time
+from .models import RUN_STATES, AuditEvent, Run, User, utcnow
+from .sandbox import ensure_home, proc_start_time, release_resources
+from .sessions import policy_for, run_in_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -463,8 +467,6 @@ def recorded_run(session, user: str, notebook: str) -> dict[str, Any] | None:
     if no template run of *user* wrote that path."""
     from sqlalchemy import select
 
-    from .models import AuditEvent
-
     stem = PurePosixPath(notebook).stem
     inside = f"{contract.home_inside(user)}/{notebook.lstrip('/')}"
     rows = session.scalars(select(AuditEvent).where(
@@ -643,12 +645,6 @@ def prepare_run(
     Raises :class:`InvalidInput`/:class:`NotFound` for a bad template or parameter and
     :class:`RuleViolation` for an ungranted dataset, before anything is created.
     """
-    from .access import live_grants
-    from .accounts import get_user
-    from .models import Run
-    from .sandbox import ensure_home, release_resources
-    from .sessions import policy_for
-
     path = find_template(template, templates_dir)
     stem = path.stem
     data = path.read_bytes()  # hashed, kept and copied: the same bytes
@@ -698,11 +694,6 @@ def execute_run(home: MedZoneHome, store, run_id: int, *, config=None) -> RunRes
     Returns the :class:`RunResult`; raises :class:`RunFailed` (partial notebook kept) when
     the notebook fails or the run is cancelled.
     """
-    from . import audit
-    from .models import Run
-    from .sandbox import ensure_home, release_resources
-    from .sessions import policy_for, run_in_sandbox
-
     runner_pid = os.getpid()
     with store.session() as session:
         run = session.get(Run, run_id, with_for_update=True)
@@ -878,8 +869,6 @@ def _one_line(err: BaseException) -> str:
 
 
 def _finish(store, run_id: int, state: str, *, error: str | None = None) -> None:
-    from .models import Run
-
     with store.session() as session:
         row = session.get(Run, run_id, with_for_update=True)
         if row.state not in ENDED:
@@ -902,8 +891,6 @@ def list_runs(session, user: str | None = None, state: str | None = None) -> lis
     process is gone is marked failed first."""
     from sqlalchemy import select
 
-    from .models import RUN_STATES, Run, User
-
     if state is not None and state not in RUN_STATES:
         raise InvalidInput(f"no run state {state!r} (states: {', '.join(RUN_STATES)})")
     query = select(Run).order_by(Run.id.desc())
@@ -917,8 +904,6 @@ def list_runs(session, user: str | None = None, state: str | None = None) -> lis
 
 def get_run(session, run_id: int, *, user: str | None = None):
     """Run *run_id* (*user*'s, when given): :class:`NotFound` otherwise."""
-    from .models import Run
-
     run = session.get(Run, run_id)
     if run is None or (user is not None and run.user.name != user):
         raise NotFound(f"no run {run_id}" + (" of yours" if user is not None else ""))
@@ -929,8 +914,6 @@ def get_run(session, run_id: int, *, user: str | None = None):
 def find_run(session, user: str, run_dir: str):
     """*user*'s run whose folder is *run_dir* (relative to the home), or ``None``."""
     from sqlalchemy import select
-
-    from .models import Run, User
 
     run = session.scalar(select(Run).join(Run.user).where(User.name == user,
                                                           Run.run_dir == run_dir))
@@ -944,10 +927,6 @@ def cancel_run(session, run_id: int, by: str):
     killed, if it is still the same process, and the run is marked ``cancelled``
     (audited ``run.cancel``). :class:`RuleViolation` for anyone else, :class:`Conflict`
     when the run has already ended."""
-    from . import audit
-    from .accounts import get_user
-    from .models import Run
-
     run = session.get(Run, run_id, with_for_update=True)
     if run is None:
         raise NotFound(f"no run {run_id}")
