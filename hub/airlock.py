@@ -59,7 +59,7 @@ from .access import screening_datasets
 from .accounts import ROLE_EXPORT_REVIEWER, get_user, validate_user_name
 from .config import MedZoneHome
 from .db import open_store
-from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
+from .errors import Conflict, InvalidInput, NotFound, RuleViolation
 from .homefs import FileTooLarge, UserHome, parts_of
 from .manifest import sha256_file
 from .models import ExportFile, ExportPolicy, ExportRequest, ExportReview, User, as_utc
@@ -110,6 +110,11 @@ def _subject(request_id: int) -> str:
 
 # --- paths -------------------------------------------------------------------------------
 
+def _link_refused(raw: str, user: str, why: str) -> RuleViolation:
+    return RuleViolation(f"refusing {raw!r}: {why}; links are never followed, nothing that "
+                         f"leads out of {user}'s home is exported")
+
+
 def resolve_request_paths(user_root: UserHome | Path, user: str, paths: Iterable[str], *,
                           files_only: bool = False) -> list[str]:
     """The files named by *paths*, as POSIX paths relative to the user's home, sorted.
@@ -150,23 +155,18 @@ def resolve_request_paths(user_root: UserHome | Path, user: str, paths: Iterable
         try:
             st = fs.lstat(rel_text)
         except RuleViolation:
-            raise RuleViolation(f"refusing {raw!r}: it goes through a symbolic link or a "
-                                "non-folder; links are never followed, nothing that leads out "
-                                f"of {user}'s home is exported") from None
+            raise _link_refused(raw, user, "it goes through a symbolic link or a non-folder") from None
         if st is None:
             raise NotFound(f"{raw!r} does not exist in {user}'s home")
         if stat.S_ISLNK(st.st_mode):
-            raise RuleViolation(f"refusing {raw!r}: it is a symbolic link; links are never "
-                                f"followed, nothing that leads out of {user}'s home is exported")
+            raise _link_refused(raw, user, "it is a symbolic link")
         if stat.S_ISDIR(st.st_mode):
             if files_only:
                 raise InvalidInput(f"{raw!r} is a folder: name a single file")
             try:
                 found = fs.walk_files(rel_text)
             except RuleViolation:
-                raise RuleViolation(f"refusing {raw!r}: it was swapped for a symbolic link; "
-                                    "links are never followed, nothing that leads out of "
-                                    f"{user}'s home is exported") from None
+                raise _link_refused(raw, user, "it was swapped for a symbolic link") from None
             for name in found:
                 chosen[name] = None
         elif stat.S_ISREG(st.st_mode):
