@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import bcrypt
-from jupyterhub import orm as hub_orm
-from nativeauthenticator.orm import UserInfo
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +23,9 @@ from .config import MedZoneHome, ensure_hub_state
 from .db import add_unique, open_store
 from .errors import Conflict, InvalidInput, NotFound, RuleViolation
 from .models import User
+
+if TYPE_CHECKING:
+    from nativeauthenticator.orm import UserInfo
 
 #: May review access applications (besides admins).
 ROLE_DATA_STEWARD = "data-steward"
@@ -143,6 +145,11 @@ def unapprove_account(session, name: str, *, actor: str, via: str = "hub") -> Us
 def hub_db_factory(home: MedZoneHome):
     """Sessions on the hub's own database (where NativeAuthenticator keeps sign-ups and
     passwords), creating it the way JupyterHub would: for code outside the hub process."""
+    # JupyterHub's and NativeAuthenticator's tables load here, not with the module: the
+    # commands and services that never open the hub's database start without them.
+    from jupyterhub import orm as hub_orm
+    from nativeauthenticator.orm import UserInfo  # noqa: F401 - its table is created too
+
     db_path = ensure_hub_state(home).hub_db_path
     factory = hub_orm.new_session_factory(f"sqlite:///{db_path}")
     db_path.chmod(0o600)
@@ -187,6 +194,8 @@ def decide_account(session, hub_db, name: str, action: str, *, decider: str,
     me = check_account_decider(session, decider)
     if name == decider:
         raise RuleViolation(f"{decider!r} may not decide about their own account")
+    from nativeauthenticator.orm import UserInfo
+
     account = find_user(session, name)
     # Read the row afresh: another process (the hub, the portal) may have changed it.
     info = (hub_db.query(UserInfo).filter(UserInfo.username == name)
@@ -233,6 +242,8 @@ def set_password(home: MedZoneHome, name: str, password: str, *, actor: str,
         account = get_user(session, name)
         if not account.approved:
             raise RuleViolation(f"user {name!r} is not approved; approve the account first")
+        from nativeauthenticator.orm import UserInfo
+
         db = _hub_db(home)
         try:
             info = UserInfo.find(db, name)

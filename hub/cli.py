@@ -15,10 +15,16 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from .access import (application_state, apply, approve, expire_due, list_applications, reject,
+                     revoke)
+from .accounts import add_user, list_users, set_password
+from .audit import verify
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import IngestRefused, InvalidInput, MedZoneError
 from .logs import log_to_stderr
+from .models import utcnow
+from .registry import list_datasets
 
 #: How many refusal findings are printed before "… and N more".
 MAX_FINDINGS_SHOWN = 40
@@ -96,8 +102,6 @@ def cmd_dataset_add(args, home: MedZoneHome) -> int:
 
 
 def cmd_dataset_list(args, home: MedZoneHome) -> int:
-    from .registry import list_datasets
-
     with open_store(home).session() as session:
         rows = [_dataset_row(ds) for ds in list_datasets(session)]
     if args.json:
@@ -113,8 +117,6 @@ def cmd_dataset_list(args, home: MedZoneHome) -> int:
 # --- user ------------------------------------------------------------------------------
 
 def cmd_user_add(args, home: MedZoneHome) -> int:
-    from .accounts import add_user
-
     with open_store(home).session() as session:
         user = add_user(session, args.name, admin=args.admin, roles=args.role or (),
                         approved=True, actor=args.by or default_actor())
@@ -135,16 +137,12 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def cmd_user_password(args, home: MedZoneHome) -> int:
-    from .accounts import set_password
-
     set_password(home, args.name, _read_password(args.stdin), actor=args.by or default_actor())
     print(f"password set for {args.name}")
     return 0
 
 
 def cmd_user_list(args, home: MedZoneHome) -> int:
-    from .accounts import list_users
-
     with open_store(home).session() as session:
         rows = [{"name": u.name, "admin": bool(u.admin), "roles": list(u.roles or []),
                  "approved": bool(u.approved)} for u in list_users(session)]
@@ -160,8 +158,6 @@ def cmd_user_list(args, home: MedZoneHome) -> int:
 # --- access ----------------------------------------------------------------------------
 
 def _application_row(app, now: datetime) -> dict:
-    from .access import application_state
-
     return {
         "id": app.id,
         "user": app.user.name,
@@ -180,8 +176,6 @@ def _application_row(app, now: datetime) -> dict:
 
 
 def cmd_access_apply(args, home: MedZoneHome) -> int:
-    from .access import apply
-
     with open_store(home).session() as session:
         app = apply(session, user=args.user, dataset_ids=args.datasets, purpose=args.purpose,
                     days=args.days)
@@ -192,27 +186,22 @@ def cmd_access_apply(args, home: MedZoneHome) -> int:
 
 
 def cmd_access_decide(args, home: MedZoneHome) -> int:
-    from . import access
-
     with open_store(home).session() as session:
         if args.action == "approve":
-            app = access.approve(session, args.id, reviewer=args.reviewer, days=args.days,
-                                 reason=args.reason)
+            app = approve(session, args.id, reviewer=args.reviewer, days=args.days,
+                           reason=args.reason)
         elif args.action == "reject":
-            app = access.reject(session, args.id, reviewer=args.reviewer, reason=args.reason)
+            app = reject(session, args.id, reviewer=args.reviewer, reason=args.reason)
         else:
-            app = access.revoke(session, args.id, actor=args.by or default_actor(),
-                                reason=args.reason)
-        state = access.application_state(app)
+            app = revoke(session, args.id, actor=args.by or default_actor(),
+                          reason=args.reason)
+        state = application_state(app)
         expires = _iso(app.expires_at)
     print(f"application {args.id}: {state}" + (f" until {expires}" if state == "approved" else ""))
     return 0
 
 
 def cmd_access_list(args, home: MedZoneHome) -> int:
-    from .access import expire_due, list_applications
-    from .models import utcnow
-
     now = utcnow()
     with open_store(home).session() as session:
         expire_due(session, now=now)
@@ -438,8 +427,6 @@ def cmd_hub(args, home: MedZoneHome) -> int:
 # --- audit -----------------------------------------------------------------------------
 
 def cmd_audit_verify(args, home: MedZoneHome) -> int:
-    from .audit import verify
-
     with open_store(home).session() as session:
         result = verify(session)
     if args.json:
