@@ -25,6 +25,8 @@ from .errors import IngestRefused, InvalidInput, MedZoneError
 from .logs import log_to_stderr
 from .models import utcnow
 from .registry import list_datasets
+from .runner import cancel_run, get_run, list_runs, run_progress, run_summary, run_template
+from .sessions import run_in_sandbox
 
 #: How many refusal findings are printed before "… and N more".
 MAX_FINDINGS_SHOWN = 40
@@ -219,7 +221,6 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
 
 def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
     from .hubconfig import load_hub_config, sandbox_config
-    from .sessions import run_in_sandbox
 
     command = list(args.cmd)
     if command[:1] == ["--"]:
@@ -235,7 +236,6 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
 
 def cmd_run(args, home: MedZoneHome) -> int:
     from .hubconfig import load_hub_config, sandbox_config
-    from .runner import run_template
 
     config = sandbox_config(load_hub_config(args.hub_config, home))
     result = run_template(home, open_store(home), args.user, args.template,
@@ -251,8 +251,6 @@ def _run_id(text: str) -> int:
 
 
 def cmd_runs_list(args, home: MedZoneHome) -> int:
-    from .runner import list_runs, run_summary
-
     with open_store(home).session() as session:
         runs = [run_summary(r) for r in list_runs(session, user=args.user, state=args.state)]
     if args.json:
@@ -263,8 +261,6 @@ def cmd_runs_list(args, home: MedZoneHome) -> int:
 
 
 def cmd_runs_show(args, home: MedZoneHome) -> int:
-    from .runner import get_run, run_progress, run_summary
-
     with open_store(home).session() as session:
         run = get_run(session, _run_id(args.id))
         info = run_summary(run)
@@ -285,8 +281,6 @@ def cmd_runs_show(args, home: MedZoneHome) -> int:
 
 
 def cmd_runs_cancel(args, home: MedZoneHome) -> int:
-    from .runner import cancel_run
-
     with open_store(home).session() as session:
         run = cancel_run(session, _run_id(args.id), default_actor())
         print(f"run {run.id} of {run.template} by {run.user.name}: cancelled")

@@ -9,8 +9,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
 MANIFEST_VERSION = 1
 _HASH_CHUNK = 1 << 20
 
@@ -88,6 +86,8 @@ class ManifestBuilder:
         self.add_file(stored, rel, "table", rows=int(len(frame)), columns=list(map(str, frame.columns)))
 
     def series(self) -> list[dict]:
+        import numpy as np  # only an ingest computes slice spacing; readers of manifests do not
+
         out = []
         for uid, acc in sorted(self._series.items(), key=lambda kv: (kv[1].patient, sorted(kv[1].folders))):
             entry = {

@@ -4,8 +4,10 @@ training helpers and export requests.
 It never imports the hub side's store or spawner: kernel code runs inside the sandbox without
 the database and reaches the hub only through the hub API.
 
-The MONAI glue (``LoadCTVolumed``, ``LoadXRayd``, ``ct_items``, ``xray_items``) is imported on
-first use, so ``import medzone_kernel`` stays quick where torch is not needed.
+The imaging names (:mod:`.imaging`: numpy) and the MONAI glue (``LoadCTVolumed``,
+``LoadXRayd``, ``ct_items``, ``xray_items``: torch) are imported on first use, so
+``import medzone_kernel`` stays quick where they are not needed, and the hub, which imports
+:mod:`medzone_kernel.contract`, does not load numpy for it.
 """
 
 from . import export
@@ -16,23 +18,14 @@ from .datasets import (
     granted_datasets,
     open_dataset,
 )
-from .imaging import (
-    WINDOW_PRESETS,
-    CTVolume,
-    ImagingError,
-    VolumeCache,
-    XRayImage,
-    default_cache,
-    load_ct_volume,
-    load_mask,
-    load_xray,
-    window_hu,
-)
 
 __version__ = "0.1.0"
 
 _LAZY = {"LoadCTVolumed": "transforms", "LoadXRayd": "transforms", "ct_items": "transforms",
-         "xray_items": "transforms"}
+         "xray_items": "transforms",
+         **dict.fromkeys(("WINDOW_PRESETS", "CTVolume", "ImagingError", "VolumeCache",
+                          "XRayImage", "default_cache", "load_ct_volume", "load_mask",
+                          "load_xray", "window_hu"), "imaging")}
 
 
 def __getattr__(name: str):
