@@ -81,9 +81,12 @@ LOCAL_IMPORTS_ALLOWED = {
     "medzone_kernel.viewers": "imaging is optional where the viewers run (guarded import)",
 }
 
-#: Modules whose function-local imports of the project are still to be hoisted (the CLI's
-#: per-command imports, the runner's and ingest's, in files other work is changing now).
-#: Remove a module when its last one is gone.
+#: Modules whose function-local imports of the project are still to be hoisted, and what
+#: holds them. The CLI's commands for demo data, ingest, the screen, exports, the sandbox
+#: and the hub import their services per command: those services load numpy, Pillow,
+#: pandas, pydicom or nibabel at their top (the screen, de-identification, the demo
+#: cohort), and hoisting them now would make every ``medzone`` command start several times
+#: slower. Remove a module when its last one is gone.
 PENDING_LOCAL_IMPORTS = {"medzone_hub.cli"}
 
 
