@@ -1,12 +1,13 @@
 """MedZone works from a wheel, not only from a checkout: the wheel builds without a packaging
 warning, and once installed into a fresh environment outside the checkout it lists the
-templates, finds their notebooks, reads their parameters and ships the tutorials and the
-portal's pages, all through the installed packages.
+templates, finds their notebooks, reads their parameters, ships the tutorials and the
+portal's pages, and runs a template end to end in a real sandbox, all through the installed
+packages.
 
-The run itself stops short of papermill here: a sandboxed run binds only the interpreter's
-own environment, and this one borrows its dependencies from the test environment through a
-``.pth`` file (installing torch and the rest afresh is gigabytes), so the kernel would not
-find them inside the sandbox."""
+The fresh environment borrows its dependencies from the test environment through a ``.pth``
+file (installing torch and the rest afresh is gigabytes); the run's hub config binds that
+folder read-only into the sandbox (``c.SafeZoneSpawner.extra_ro_binds``), as an operator
+would for a shared library folder."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import tomllib
 from pathlib import Path
@@ -81,10 +83,14 @@ def wheel(tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory) -> Path:
+def installed(wheel) -> Path:
     """A fresh environment outside the checkout holding only the wheel; the dependencies come
     from this environment's site-packages through a ``.pth`` file."""
-    venv = tmp_path_factory.mktemp("venv")
+    # Under a 0755 folder in /tmp: the sandbox uid must reach the environment to run in it
+    # (pytest's own temporary folders sit under a 0700 one).
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="medzone-wheel-"))
+    os.chmod(base, 0o755)
+    venv = base / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -93,7 +99,9 @@ def installed(wheel, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile",
                     "--disable-pip-version-check", "-q", "--target", str(site), str(wheel[0])],
                    check=True, capture_output=True, timeout=300)
-    return python
+    yield python
+    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_every_package_folder_is_declared():
@@ -138,3 +146,41 @@ def test_an_install_outside_the_checkout_finds_templates_tutorials_and_pages(ins
     assert found["tutorials"] == [f"{name}.ipynb" for name in TUTORIALS]
     for path in [found["hub_templates"] + "/home.html", *found["portal_files"]]:
         assert path.startswith(prefix) and Path(path).is_file(), path
+
+
+def test_a_template_runs_from_the_installed_wheel(installed):
+    """The whole path from outside the checkout: demo data, ingest, a grant, and a real
+    sandboxed papermill run of the installed ``ct_nodule_analysis``."""
+    zone = installed.parent.parent.parent / "zone"
+    zone.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEDZONE_DB_URL")}
+    env["MEDZONE_HOME"] = str(zone / "home")
+    site = subprocess.run([str(installed), "-c", "import medzone_hub, sysconfig; "
+                           "print(sysconfig.get_path('purelib')); print(medzone_hub.__file__)"],
+                          capture_output=True, text=True, check=True, env=env,
+                          cwd=zone).stdout.split()
+    assert site[1].startswith(site[0]), site
+    config = zone / "hub_config.py"
+    config.write_text(
+        f"load_subconfig({str(Path(site[0]) / 'medzone_hub' / 'jupyterhub_config.py')!r})\n"
+        f"c.SafeZoneSpawner.extra_ro_binds = [({sysconfig.get_path('purelib')!r},) * 2]\n")
+
+    def medzone(*args: str) -> str:
+        done = subprocess.run([str(installed), "-m", "medzone_hub.cli", *args], cwd=zone,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (args, done.stderr[-3000:])
+        return done.stdout.strip()
+
+    medzone("demo-data", str(zone / "cohort"), "--patients", "2", "--seed", "3")
+    medzone("dataset", "add", "demo", str(zone / "cohort"), "--deidentify", "--quiet")
+    medzone("user", "add", "alice")
+    medzone("user", "add", "steward", "--role", "data-steward")
+    application = medzone("access", "apply", "alice", "demo", "--purpose", "wheel test")
+    medzone("access", "approve", application, "--reviewer", "steward")
+    notebook = medzone("run", "ct_nodule_analysis", "--user", "alice", "--hub-config",
+                       str(config), "-p", "dataset", "demo", "-p", "figure_patients", "1")
+    assert notebook.endswith("/ct_nodule_analysis.ipynb"), notebook
+    runs = json.loads(medzone("runs", "list", "--json"))
+    assert [(r["user"], r["template"], r["state"]) for r in runs] == \
+        [("alice", "ct_nodule_analysis", "done")]
+    medzone("audit", "verify")
