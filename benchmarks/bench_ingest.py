@@ -33,6 +33,21 @@ def _copy_and_hash(source: Path, target: Path) -> None:
             hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+def _fingerprint_ms(slices: int = 150) -> float:
+    """Screening-index fingerprints of 512x512 CT-like slices: milliseconds per slice (the
+    index of 1,500 slices should take well under 15 s)."""
+    import numpy as np
+
+    from medzone_hub.screen.index import ScreeningIndexBuilder
+
+    builder = ScreeningIndexBuilder(os.urandom(32))
+    slice_ = np.random.default_rng(0).integers(0, 4095, (512, 512), dtype=np.int16)
+    started = time.perf_counter()
+    for i in range(slices):
+        builder.add_image(slice_ + i, f"slice {i}")
+    return round((time.perf_counter() - started) / slices * 1000, 2)
+
+
 def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="medzone-bench-") as tmp:
         tmp = Path(tmp)
@@ -68,6 +83,7 @@ def run() -> dict:
             "baseline_files_per_s": round(files / best_copy, 1),
             "baseline_mb_per_s": round(source_bytes / 1e6 / best_copy, 2),
             "ingest_over_baseline": round(best_ingest / best_copy, 1),
+            "fingerprint_ms_per_512_slice": _fingerprint_ms(),
         }
     for k, v in result.items():
         print(f"{k:>26}: {v}")

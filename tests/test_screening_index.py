@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -179,13 +178,3 @@ def test_perceptual_hash_is_stable_under_windowing():
     a = perceptual_hash(thumbnail(image))
     b = perceptual_hash(thumbnail(resized(windowed(image), 200)))
     assert bin(a ^ b).count("1") <= 10
-
-
-def test_fingerprinting_is_fast():
-    builder = ScreeningIndexBuilder(INDEX_KEY)
-    slice_ = np.random.default_rng(0).integers(0, 4095, (512, 512), dtype=np.int16)
-    started = time.perf_counter()
-    for i in range(150):
-        builder.add_image(slice_ + i, f"slice {i}")
-    per_slice = (time.perf_counter() - started) / 150
-    assert per_slice < 0.01  # 1,500 CT slices in well under 15 s even on a slow machine
