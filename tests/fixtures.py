@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +17,23 @@ import pytest
 
 from medzone_hub import registry
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
+
+
+@contextlib.contextmanager
+def sandbox_base(prefix: str) -> Iterator[Path]:
+    """A fresh 0755 folder in /tmp for a zone whose sandboxes run (the sandbox uid must
+    traverse it; pytest's ``tmp_path`` sits under a 0700 folder), with ``MEDZONE_DB_URL``
+    unset while it lives (the zone uses its own SQLite store); removed afterwards."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
+    os.chmod(base, 0o755)
+    saved = os.environ.pop(ENV_DB_URL, None)
+    try:
+        yield base
+    finally:
+        if saved is not None:
+            os.environ[ENV_DB_URL] = saved
+        subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 #: Enough patients for every X-ray class and a foreign patient with an English-only name.

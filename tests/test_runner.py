@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
@@ -34,7 +32,7 @@ from medzone_hub.runner import (
 )
 from medzone_hub.sandbox import SandboxConfig
 
-from .fixtures import add_tiny_dataset
+from .fixtures import add_tiny_dataset, sandbox_base
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "runner_probe.ipynb"
@@ -78,27 +76,20 @@ class RunZone:
 
 @pytest.fixture(scope="module")
 def zone():
-    # pytest's tmp_path sits under a 0700 folder the sandbox uid cannot traverse.
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="medzone-runner-"))
-    os.chmod(base, 0o755)
-    saved = os.environ.pop(ENV_DB_URL, None)
-    z = RunZone(base)
-    with z.store.session() as session:
-        for name in ("alice", "bob"):
-            accounts.add_user(session, name, actor="test")
-        accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
-        add_tiny_dataset(session, z.home, "ds-a")
-        add_tiny_dataset(session, z.home, "ds-b")
-        app = access.apply(session, user="alice", dataset_ids=["ds-a"], purpose="runner tests")
-        session.flush()
-        access.approve(session, app.id, reviewer="steward")
-        z.uids = {u.name: UID_BASE + u.id for u in accounts.list_users(session)}
-    yield z
-    z.store.close()
-    if saved is not None:
-        os.environ[ENV_DB_URL] = saved
-    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+    with sandbox_base("medzone-runner-") as base:
+        z = RunZone(base)
+        with z.store.session() as session:
+            for name in ("alice", "bob"):
+                accounts.add_user(session, name, actor="test")
+            accounts.add_user(session, "steward", roles=["data-steward"], actor="test")
+            add_tiny_dataset(session, z.home, "ds-a")
+            add_tiny_dataset(session, z.home, "ds-b")
+            app = access.apply(session, user="alice", dataset_ids=["ds-a"], purpose="runner tests")
+            session.flush()
+            access.approve(session, app.id, reviewer="steward")
+            z.uids = {u.name: UID_BASE + u.id for u in accounts.list_users(session)}
+        yield z
+        z.store.close()
 
 
 @pytest.fixture(scope="module")

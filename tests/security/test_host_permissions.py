@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from medzone_hub.config import DATASET_GID_BASE, DATASET_GID_SPAN, ENV_DB_URL, E
 from medzone_hub.sandbox import SandboxConfig, bwrap_argv
 from medzone_hub.sessions import policy_for
 
-from ..fixtures import add_tiny_dataset
+from ..fixtures import add_tiny_dataset, sandbox_base
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="checks host uids and groups: run as root")
 
@@ -123,20 +121,14 @@ def as_account(uid: int, *cmd, groups: list[int] = ()) -> subprocess.CompletedPr
 def zone():
     from medzone_hub.hubapp import secure_home
 
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="medzone-perms-"))
-    os.chmod(base, 0o755)  # the sandbox uid traverses it (pytest's tmp_path is 0700)
-    source = base / "source" / "tables"
-    source.mkdir(parents=True)
-    (source / "labs.csv").write_text("value,count\n7,12\n3,40\n")
-    saved = os.environ.pop(ENV_DB_URL, None)
-    z = Zone(base, source.parent)
-    z.repaired = secure_home(z.home)  # what the hub does at start
-    yield z
-    z.store.close()
-    if saved is not None:
-        os.environ[ENV_DB_URL] = saved
-    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+    with sandbox_base("medzone-perms-") as base:
+        source = base / "source" / "tables"
+        source.mkdir(parents=True)
+        (source / "labs.csv").write_text("value,count\n7,12\n3,40\n")
+        z = Zone(base, source.parent)
+        z.repaired = secure_home(z.home)  # what the hub does at start
+        yield z
+        z.store.close()
 
 
 def _gid(zone, dataset_id: str) -> int:

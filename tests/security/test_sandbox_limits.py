@@ -17,11 +17,9 @@ import errno
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,7 +36,7 @@ from medzone_hub.sandbox import (
 )
 from medzone_hub.sessions import policy_for
 
-from ..fixtures import add_tiny_dataset
+from ..fixtures import add_tiny_dataset, sandbox_base
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="drops to sandbox uids: run as root")
@@ -185,16 +183,10 @@ class Zone:
 
 @pytest.fixture(scope="module")
 def zone():
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="medzone-limits-"))
-    os.chmod(base, 0o755)  # the sandbox uid traverses it (pytest's tmp_path is 0700)
-    saved = os.environ.pop(ENV_DB_URL, None)
-    z = Zone(base)
-    yield z
-    z.store.close()
-    if saved is not None:
-        os.environ[ENV_DB_URL] = saved
-    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+    with sandbox_base("medzone-limits-") as base:
+        z = Zone(base)
+        yield z
+        z.store.close()
 
 
 def _syscall_numbers() -> dict:

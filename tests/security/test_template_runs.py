@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
@@ -26,6 +24,8 @@ import pytest
 
 from medzone_hub import accounts
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
+
+from ..fixtures import sandbox_base
 
 PY = f"python3.{sys.version_info.minor}"
 
@@ -160,19 +160,13 @@ class Zone:
 
 @pytest.fixture(scope="module")
 def zone():
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="medzone-secruns-"))
-    os.chmod(base, 0o755)
-    saved = os.environ.pop(ENV_DB_URL, None)
-    z = Zone(base)
-    with z.store.session() as session:
-        for name in ("mallory", "eve", "trent"):
-            accounts.add_user(session, name, actor="test")
-    yield z
-    z.store.close()
-    if saved is not None:
-        os.environ[ENV_DB_URL] = saved
-    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+    with sandbox_base("medzone-secruns-") as base:
+        z = Zone(base)
+        with z.store.session() as session:
+            for name in ("mallory", "eve", "trent"):
+                accounts.add_user(session, name, actor="test")
+        yield z
+        z.store.close()
 
 
 # --- ~/runs is a link ---------------------------------------------------------------------
