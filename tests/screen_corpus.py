@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from medzone_hub.indexes import load_indexes
 from medzone_hub.screen import ScreenConfig
 
 
@@ -373,3 +375,21 @@ def build_cases(dataset_root: Path, other_cohort_root: Path, work: Path) -> list
     add("figure.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><path d="M0 0L10 10"/>'
         b"<text>AUC 0.87</text></svg>", "pass", None, "an SVG figure")
     return cases
+
+
+# --- fixtures the screen tests share (import them into a test module to use them) --------
+
+@pytest.fixture(scope="module", name="zone")
+def demo_zone(module_env, cohort_dir):
+    """The test cohort ingested, de-identified, as dataset ``demo``."""
+    from medzone_hub.ingest import ingest_dataset
+
+    ingest_dataset(module_env.home, module_env.store, "demo", cohort_dir, deidentify=True,
+                   pseudonym_key=b"k" * 32, actor="t", progress=False)
+    return module_env
+
+
+@pytest.fixture(scope="module", name="indexes")
+def demo_indexes(zone):
+    """The screening index of ``demo``, loaded as the airlock loads it."""
+    return load_indexes(zone.home, ["demo"])

@@ -9,26 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from medzone_hub.indexes import load_indexes
 from medzone_hub.screen import (RULES, FileVerdict, ScreenConfig, screen_bytes,
                                 screen_paths)
 from medzone_hub.screen.recognizers import find_identifiers
 
-from .screen_corpus import build_cases, dataset_facts
-
-
-@pytest.fixture(scope="module")
-def zone(module_env, cohort_dir):
-    from medzone_hub.ingest import ingest_dataset
-
-    ingest_dataset(module_env.home, module_env.store, "demo", cohort_dir, deidentify=True,
-                   pseudonym_key=b"k" * 32, actor="t", progress=False)
-    return module_env
-
-
-@pytest.fixture(scope="module")
-def indexes(zone):
-    return load_indexes(zone.home, ["demo"])
+from .screen_corpus import build_cases, dataset_facts, demo_indexes, demo_zone  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

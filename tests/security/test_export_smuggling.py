@@ -29,24 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medzone_hub.indexes import load_indexes
 from medzone_hub.screen import screen_paths
 
-from ..screen_corpus import dataset_facts
-
-
-@pytest.fixture(scope="module")
-def zone(module_env, cohort_dir):
-    from medzone_hub.ingest import ingest_dataset
-
-    ingest_dataset(module_env.home, module_env.store, "demo", cohort_dir, deidentify=True,
-                   pseudonym_key=b"k" * 32, actor="t", progress=False)
-    return module_env
-
-
-@pytest.fixture(scope="module")
-def indexes(zone):
-    return load_indexes(zone.home, ["demo"])
+from ..screen_corpus import dataset_facts, demo_indexes, demo_zone  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
