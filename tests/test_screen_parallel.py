@@ -13,7 +13,7 @@ from medzone_hub.screen import ScreenConfig, screen_bytes
 
 from .screen_corpus import (_code, _display, _figure, _html_table, _nb, _png, _result, _stream,
                             _window, dataset_facts)
-from .test_screen import indexes, zone  # noqa: F401 - the same ingested zone (fixtures)
+from .screen_corpus import demo_indexes, demo_zone  # noqa: F401 - the same ingested zone (fixtures)
 
 _forks = [0]
 os.register_at_fork(after_in_parent=lambda: _forks.__setitem__(0, _forks[0] + 1))
