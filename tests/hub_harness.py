@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 import websocket
 
 from medzone_hub import access, accounts, registry
@@ -362,8 +364,22 @@ def xsrf_from(html: str) -> str:
     return match.group(1)
 
 
-def login(hub: Hub, name: str, password: str) -> requests.Session:
+def proxied_session() -> requests.Session:
+    """A browser-like session for requests through the proxy.
+
+    The npm proxy (configurable-http-proxy 5, http-proxy-3) now and then loses the race
+    between writing a request's body and the hub's prompt answer (``write EPIPE``) and
+    answers 503 itself; the tests assert on what the hub answers, so a 503 is retried.
+    """
     s = requests.Session()
+    retry = Retry(total=3, status_forcelist=[503], allowed_methods=None, backoff_factor=0.2,
+                  raise_on_status=False, respect_retry_after_header=False)
+    s.mount("http://", HTTPAdapter(max_retries=retry))
+    return s
+
+
+def login(hub: Hub, name: str, password: str) -> requests.Session:
+    s = proxied_session()
     page = s.get(f"{hub.url}/hub/login", timeout=30)
     r = s.post(f"{hub.url}/hub/login", data={
         "username": name, "password": password, "_xsrf": xsrf_from(page.text)},

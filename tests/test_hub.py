@@ -36,6 +36,7 @@ from .hub_harness import (  # noqa: E402
     running_hub,
 )
 from .hub_harness import login as _login  # noqa: E402
+from .hub_harness import proxied_session  # noqa: E402
 from .hub_harness import processes_of_uid as _processes_of_uid  # noqa: E402
 from .hub_harness import run_code as _run_code  # noqa: E402
 from .hub_harness import wait_for as _wait_for  # noqa: E402
@@ -242,7 +243,7 @@ def test_signup_then_admin_approves_with_post_and_xsrf(hub):
     set_password(hub.home, "boss", PASSWORD, actor="test")
 
     # Sign-up creates an unapproved account, in the hub and in the store.
-    anon = requests.Session()
+    anon = proxied_session()
     page = anon.get(f"{hub.url}/hub/signup", timeout=30)
     r = anon.post(f"{hub.url}/hub/signup", data={
         "username": "dave", "signup_password": PASSWORD,

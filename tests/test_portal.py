@@ -26,6 +26,7 @@ from .hub_harness import (
     DATASET,
     PASSWORD,
     login,
+    proxied_session,
     require_hub_tools,
     running_hub,
     wait_for,
@@ -474,7 +475,7 @@ def test_script_requests_need_the_xsrf_header(hub, people):
 # --- account approvals in the steward queue -------------------------------------------------
 
 def _sign_up(hub, name: str) -> None:
-    anon = requests.Session()
+    anon = proxied_session()
     page = anon.get(f"{hub.url}/hub/signup", timeout=30)
     r = anon.post(f"{hub.url}/hub/signup", data={
         "username": name, "signup_password": PASSWORD,
