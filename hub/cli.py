@@ -18,14 +18,23 @@ from pathlib import Path
 from .access import (application_state, apply, approve, expire_due, list_applications, reject,
                      revoke)
 from .accounts import add_user, list_users, set_password
+from .airlock import (decide_export, get_request, model_weight_paths, notebook_views,
+                      release_export, risk_report_file, risk_report_text, screen_report, status,
+                      submit_export)
 from .audit import verify
 from .config import MedZoneHome, resolve_home
 from .db import open_store
+from .demodata import generate_cohort
 from .errors import IngestRefused, InvalidInput, MedZoneError
+from .hubapp import run_hub
+from .hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
+from .indexes import load_indexes
+from .ingest import ingest_dataset, read_pseudonym_key
 from .logs import log_to_stderr
 from .models import utcnow
 from .registry import list_datasets
 from .runner import cancel_run, get_run, list_runs, run_progress, run_summary, run_template
+from .screen import ScreenConfig, screen_paths
 from .sessions import run_in_sandbox
 
 #: How many refusal findings are printed before "… and N more".
@@ -60,8 +69,6 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 # --- demo-data -------------------------------------------------------------------------
 
 def cmd_demo_data(args, home: MedZoneHome) -> int:
-    from .demodata import generate_cohort
-
     summary = generate_cohort(Path(args.dir), patients=args.patients, seed=args.seed,
                               progress=not args.quiet)
     print(f"wrote {summary.patients} synthetic patients ({summary.files} files, "
@@ -87,8 +94,6 @@ def _dataset_row(ds) -> dict:
 
 
 def cmd_dataset_add(args, home: MedZoneHome) -> int:
-    from .ingest import ingest_dataset, read_pseudonym_key
-
     key = read_pseudonym_key(home, args.key_file) if args.deidentify else None
     if key is None and args.key_file and not args.deidentify:
         raise InvalidInput("--key-file only applies with --deidentify")
@@ -220,8 +225,6 @@ def cmd_access_list(args, home: MedZoneHome) -> int:
 # --- sandbox ---------------------------------------------------------------------------
 
 def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
-    from .hubconfig import load_hub_config, sandbox_config
-
     command = list(args.cmd)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -235,8 +238,6 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
 # --- run -------------------------------------------------------------------------------
 
 def cmd_run(args, home: MedZoneHome) -> int:
-    from .hubconfig import load_hub_config, sandbox_config
-
     config = sandbox_config(load_hub_config(args.hub_config, home))
     result = run_template(home, open_store(home), args.user, args.template,
                           [tuple(p) for p in args.param or ()], config=config)
@@ -290,9 +291,6 @@ def cmd_runs_cancel(args, home: MedZoneHome) -> int:
 # --- export ----------------------------------------------------------------------------
 
 def cmd_export_screen(args, home: MedZoneHome) -> int:
-    from .indexes import load_indexes
-    from .screen import ScreenConfig, screen_paths
-
     missing = [p for p in args.paths if not os.path.lexists(p)]
     if missing:
         raise InvalidInput(f"no such file: {missing[0]}")
@@ -313,9 +311,6 @@ def cmd_export_screen(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_request(args, home: MedZoneHome) -> int:
-    from .airlock import get_request, model_weight_paths, risk_report_file, submit_export
-    from .hubconfig import export_limits, load_hub_config, screen_config
-
     config = load_hub_config(args.hub_config, home)
     store = open_store(home)
     request_id = submit_export(store, home, user=args.user, paths=args.paths,
@@ -333,8 +328,6 @@ def cmd_export_request(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_review(args, home: MedZoneHome) -> int:
-    from .airlock import decide_export
-
     request = decide_export(open_store(home), args.id, reviewer=args.reviewer,
                             approve=args.decision == "approve", comment=args.comment)
     print(f"export request {request.id}: {request.state} "
@@ -344,8 +337,6 @@ def cmd_export_review(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_show(args, home: MedZoneHome) -> int:
-    from .airlock import get_request, notebook_views, risk_report_text, screen_report, status
-
     with open_store(home).session() as session:
         request = get_request(session, args.id)
         info = status(request)
@@ -387,8 +378,6 @@ def cmd_export_show(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_status(args, home: MedZoneHome) -> int:
-    from .airlock import get_request, status
-
     with open_store(home).session() as session:
         info = status(get_request(session, args.id))
     if args.json:
@@ -401,8 +390,6 @@ def cmd_export_status(args, home: MedZoneHome) -> int:
 
 
 def cmd_export_download(args, home: MedZoneHome) -> int:
-    from .airlock import release_export
-
     _record, written = release_export(open_store(home), home, args.id, user=args.user,
                                       dest=Path(args.to))
     for path in written:
@@ -413,8 +400,6 @@ def cmd_export_download(args, home: MedZoneHome) -> int:
 # --- hub -------------------------------------------------------------------------------
 
 def cmd_hub(args, home: MedZoneHome) -> int:
-    from .hubapp import run_hub
-
     return run_hub(home.ensure(), ip=args.ip, port=args.port, config_file=args.config)
 
 

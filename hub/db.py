@@ -19,9 +19,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -29,6 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import MedZoneHome
 from .errors import Conflict, InvalidInput, MedZoneError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_BUSY_TIMEOUT = 30
@@ -148,6 +150,8 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
     With *engine*, ``env.py`` migrates through it (and its SQLite event hooks).
     """
+    from alembic.config import Config  # 0.1 s to import: only where migrations run
+
     config = Config()
     config.set_main_option("script_location", "medzone_hub:migrations")
     if engine is not None:
@@ -160,6 +164,8 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run the migrations up to *revision* (default: the newest)."""
+    from alembic import command
+
     command.upgrade(alembic_config(engine), revision)
 
 

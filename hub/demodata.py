@@ -31,19 +31,10 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ComputedRadiographyImageStorage,
-    CTImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
-from scipy import ndimage
-from tqdm import tqdm
+
+# pydicom, nibabel, scipy and tqdm are imported where they are used: together they take
+# 0.5 s to import, and every `medzone` command imports this module.
 
 from .errors import InvalidInput
 
@@ -377,6 +368,8 @@ def _generate(out_dir: Path, *, patients: int, seed: int, progress: bool,
     labels = _assign_quota(cohort_rng, patients, _LABEL_CYCLE)
     mono1 = set(_pick_share(cohort_rng, patients, MONOCHROME1_SHARE).tolist())
 
+    from tqdm import tqdm
+
     clinical_rows, nodule_rows = [], []
     for index in tqdm(range(patients), desc="demo patients", unit="patient",
                       disable=not progress):
@@ -706,6 +699,8 @@ def _paint_lungs(rng, hu, x, y, s, cavity, dome, t: _Torso) -> np.ndarray:
     lung &= _ellipse(x, y, 0, t.cy, t.cav_a - 2 * k, t.cav_b - 2 * k) < 1
     lung &= np.broadcast_to(cavity, hu.shape)
 
+    from scipy import ndimage
+
     texture = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), 1.5)
     texture *= 18.0 / max(float(texture.std()), 1e-6)
     gravity = 30.0 * (y - t.cy) / t.cav_b
@@ -904,6 +899,8 @@ def place_nodules(rng, geom: CtGeometry, lung: np.ndarray, diameters: list[float
     """Centre each nodule on a lung voxel far enough from the pleura, mediastinum and the
     other nodules that the whole sphere lies in lung. Larger nodules are placed first; a
     nodule that fits nowhere (only on tiny test grids) shrinks, down to 3 mm."""
+    from scipy import ndimage
+
     g = geom.grid
     step = max(g.pixel_mm, g.slice_mm)
     padded = np.pad(lung, 1)  # so that the array border counts as "not lung"
@@ -986,6 +983,8 @@ def render_chest_xray(rng, size: int, cxr_label: str, ct: CtStudy | None = None,
     round opacity for a nodule (placed where the largest CT nodule of ``ct`` projects).
     Columns run from the patient's right to left, rows from head to feet.
     """
+    from scipy import ndimage
+
     ps = CXR_FOV_MM / size
     sc = rng.uniform(0.93, 1.04)  # patient size
     x = ((np.arange(size) - (size - 1) / 2) * ps).reshape(1, -1) / sc + rng.uniform(-5, 5)
@@ -1155,6 +1154,8 @@ class _StudyUids:
         self.cxr_instance = self.uid("cxr-instance")
 
     def uid(self, role: str) -> str:
+        from pydicom.uid import generate_uid
+
         return str(generate_uid(entropy_srcs=[f"{self._key}|{role}"]))
 
     def ct_instance(self, number: int) -> str:
@@ -1182,6 +1183,8 @@ def _base_dataset(rng, ident: Identity, facts: ClinicalFacts, *, sop_class: str,
                   study_description: str, series_description: str, station: str):
     """Patient, study, series and equipment attributes shared by every image of a study,
     with the fake identity spread the way hospital systems spread it."""
+    from pydicom.dataset import Dataset
+
     day = f"{ident.visit_date:%Y%m%d}"
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -1228,6 +1231,9 @@ def _base_dataset(rng, ident: Identity, facts: ClinicalFacts, *, sop_class: str,
 
 
 def _with_file_meta(ds, sop_uid: str):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -1246,6 +1252,9 @@ def _identifying_comment(rng, ident: Identity, what: str) -> str:
 def write_ct_series(folder: Path, rng, ident: Identity, facts: ClinicalFacts, ct: CtStudy,
                     uids: _StudyUids) -> None:
     """One file per slice, 0001.dcm upwards; InstanceNumber equals the file number."""
+    import pydicom
+    from pydicom.uid import CTImageStorage
+
     folder.mkdir(parents=True, exist_ok=True)
     geom, g = ct.geometry, ct.geometry.grid
     ds = _base_dataset(rng, ident, facts, sop_class=CTImageStorage, modality="CT",
@@ -1300,6 +1309,9 @@ def write_chest_xray(path: Path, rng, ident: Identity, facts: ClinicalFacts, ima
                      uids: _StudyUids, *, monochrome1: bool) -> None:
     """A single-frame CR or DX image. MONOCHROME1 images store inverted values, so that bone
     still displays bright once a viewer applies the inversion."""
+    import pydicom
+    from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+
     path.parent.mkdir(parents=True, exist_ok=True)
     modality = "DX" if rng.random() < 0.5 else "CR"
     sop_class = (DigitalXRayImageStorageForPresentation if modality == "DX"
@@ -1341,6 +1353,8 @@ def write_chest_xray(path: Path, rng, ident: Identity, facts: ClinicalFacts, ima
 def write_nifti_mask(path: Path, ct: CtStudy) -> None:
     """The mask as NIfTI-1 (uint8, indexed [col, row, slice], RAS affine), gzip with mtime 0
     so that the same cohort gives the same bytes."""
+    import nibabel as nib
+
     data = np.ascontiguousarray(ct.mask.transpose(2, 1, 0))
     img = nib.Nifti1Image(data, ct.geometry.nifti_affine())
     img.header.set_xyzt_units("mm")

@@ -10,6 +10,8 @@ what removes it; a line left there after its import is gone gives a warning.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -81,13 +83,9 @@ LOCAL_IMPORTS_ALLOWED = {
     "medzone_kernel.viewers": "imaging is optional where the viewers run (guarded import)",
 }
 
-#: Modules whose function-local imports of the project are still to be hoisted, and what
-#: holds them. The CLI's commands for demo data, ingest, the screen, exports, the sandbox
-#: and the hub import their services per command: those services load numpy, Pillow,
-#: pandas, pydicom or nibabel at their top (the screen, de-identification, the demo
-#: cohort), and hoisting them now would make every ``medzone`` command start several times
-#: slower. Remove a module when its last one is gone.
-PENDING_LOCAL_IMPORTS = {"medzone_hub.cli"}
+#: Modules whose function-local imports of the project are still to be hoisted.
+#: Remove a module when its last one is gone.
+PENDING_LOCAL_IMPORTS: set[str] = set()
 
 
 def _local_project_imports():
@@ -147,3 +145,19 @@ def test_the_scanner_sees_function_local_and_relative_imports(tmp_path):
 def test_every_layer_has_modules(layer):
     modules = [m for m, _ in depgraph.modules() if depgraph.layer_of(m) == layer]
     assert modules, f"layer {layer!r} names no existing module: update depgraph.LAYERS"
+
+
+#: Libraries that take a tenth of a second or more to import and that no command needs
+#: before it runs: the CLI imports every service at its top, so the services load these
+#: where they are used (``medzone_hub.lazyimport``, or inside the function).
+SLOW_IMPORTS = ("scipy", "pandas", "pydicom", "nibabel", "alembic", "jupyterhub", "tornado",
+                "torch", "matplotlib", "requests")
+
+
+def test_the_cli_starts_without_the_slow_libraries():
+    code = ("import sys, types, medzone_hub.cli\n"
+            "loaded = [m for m in sys.argv[1:] if type(sys.modules.get(m)) is types.ModuleType]\n"
+            "print(' '.join(loaded))")
+    out = subprocess.run([sys.executable, "-c", code, *SLOW_IMPORTS], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert not out, f"`import medzone_hub.cli` loads {out}: import them where they are used"

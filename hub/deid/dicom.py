@@ -13,19 +13,20 @@ import copy
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
-
-from pydicom.dataset import Dataset
-from pydicom.dataelem import DataElement
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
-from pydicom.uid import UID_dictionary
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import IngestRefused, InvalidInput
+from ..lazyimport import lazy_import
 from ..screen.recognizers import (PERSON_NAME, describe_kinds, find_identifiers,
                                   looks_like_person_name)
 from .profile import BASIC_PROFILE_CODE, OPTION_CODES, basic_profile
 from .pseudonym import Pseudonymizer, identity_variants, shift_date_by
+
+if TYPE_CHECKING:
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+pydicom = lazy_import("pydicom")
 
 #: String VRs whose values are scanned by the recognizers.
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
@@ -71,7 +72,7 @@ def _values(elem: DataElement) -> list:
     value = elem.value
     if value is None:
         return []
-    if isinstance(value, (list, tuple, MultiValue)):
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         return [v for v in value if v not in (None, "")]
     return [] if value in ("", b"") else [value]
 
@@ -370,7 +371,7 @@ class _Deidentifier:
         elif "X" in action:
             self._delete(ds, elem, prefix)
         else:
-            elem.value = Sequence()
+            elem.value = pydicom.sequence.Sequence()
 
     def _uid(self, ds: Dataset, elem: DataElement, action: str | None, prefix: str) -> None:
         if action == "X":
@@ -378,7 +379,7 @@ class _Deidentifier:
             return
         if action is None and _CLASS_UID_KEYWORD_RE.search(elem.keyword or ""):
             return
-        remapped = [v if str(v).startswith(_STANDARD_UID_ROOT) or str(v) in UID_dictionary
+        remapped = [v if str(v).startswith(_STANDARD_UID_ROOT) or str(v) in pydicom.uid.UID_dictionary
                     or not str(v).strip("\x00 ") else self.pz.remap_uid(str(v))
                     for v in _values(elem)]
         if remapped:
@@ -403,7 +404,7 @@ def _mark_deidentified(ds: Dataset, profile_version: str) -> None:
                                  "MedZone keyed pseudonyms, per-patient date shift"]
     codes = []
     for value, meaning in (BASIC_PROFILE_CODE, *OPTION_CODES):
-        item = Dataset()
+        item = pydicom.dataset.Dataset()
         item.CodeValue = value
         item.CodingSchemeDesignator = "DCM"
         item.CodeMeaning = meaning

@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import pandas as pd
-
 from ..errors import IngestRefused
+from ..lazyimport import lazy_import
 from ..screen.recognizers import (COLUMN_ACCESSION, COLUMN_BIRTH_DATE, COLUMN_DATE,
                                   COLUMN_FREE_TEXT, COLUMN_NAME, COLUMN_PATIENT_ID,
                                   COLUMN_PHYSICIAN, COLUMN_UID, IDENTIFYING_COLUMN_KINDS,
@@ -27,6 +26,7 @@ from .pseudonym import (Pseudonymizer, identity_variants, is_dummy_accession,
 MIN_CONFIDENCE = 0.5
 #: Share of a column's cells that must look like dates / UIDs / names for the column to count.
 DATE_SHARE, UID_SHARE, NAME_SHARE = 0.8, 0.9, 0.5
+pd = lazy_import("pandas")
 _SHORT_NUMBER_RE = re.compile(r"[-+]?\d{1,5}(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
 
 

@@ -36,7 +36,8 @@ LAYERS = {
     "screen": ("medzone_hub.screen",),
     "store": ("medzone_hub.models", "medzone_hub.db", "medzone_hub.audit",
               "medzone_hub.migrations"),
-    "base": ("medzone_hub.config", "medzone_hub.errors", "medzone_hub.logs"),
+    "base": ("medzone_hub.config", "medzone_hub.errors", "medzone_hub.logs",
+             "medzone_hub.lazyimport"),
     "kernel": ("medzone_kernel",),
 }
 

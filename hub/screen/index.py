@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from scipy.fft import dctn
 
 from .recognizers import (COLUMN_ACCESSION, COLUMN_DATE, COLUMN_PATIENT_ID, COLUMN_UID,
                           classify_column_name, looks_like_uid, parse_date)
@@ -178,6 +176,8 @@ def thumbnail(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
 
 def perceptual_hash(thumb: np.ndarray) -> int:
     """64-bit DCT pHash: the 8×8 lowest frequencies against their median (DC excluded)."""
+    from scipy.fft import dctn
+
     coefficients = dctn(thumb.astype(np.float64), norm="ortho")[:8, :8].ravel()
     bits = coefficients > np.median(coefficients[1:])
     return int(np.packbits(bits).view(">u8")[0])
@@ -286,6 +286,8 @@ class _Detail:
 
     def __init__(self, values: np.ndarray, valid: np.ndarray):
         self.valid = valid
+        from scipy import ndimage  # 0.2 s to import: not for every `medzone` command
+
         self.cells = int(valid.sum())
         self.support = np.maximum(ndimage.gaussian_filter(valid.astype(np.float64),
                                                           DETAIL_SIGMA), 1e-6)
@@ -293,6 +295,8 @@ class _Detail:
 
 
 def _rank_detail(values: np.ndarray, valid: np.ndarray, support: np.ndarray):
+    from scipy import ndimage
+
     ranked = np.zeros(valid.shape)
     ranked[valid] = _ranks(values[valid])
     return ranked, ranked - ndimage.gaussian_filter(ranked, DETAIL_SIGMA) / support
@@ -323,6 +327,7 @@ def _compare(query: _Detail, k: int, stored: np.ndarray) -> tuple[float, float]:
     # image (in steps up to σ 1.3 cells) only as far as needed to be no sharper than the
     # query; blurring it further would leave mostly the anatomy that patients share.
     sharpness = _energy(q_detail, q_ranked) * BLUR_MARGIN
+    from scipy import ndimage
     for blur in STORED_BLURS[1:]:
         if _energy(s_detail, s_ranked) <= sharpness:
             break
