@@ -67,6 +67,7 @@ from .previews import NO_PREVIEW_APPROVALS, add_preview_findings, needs_download
 from .registry import get_dataset
 from .risk_report import parse_risk_report
 from .runner import run_base
+from .screen import differencing
 from .screen.model import RULE_MODEL_WEIGHTS
 
 #: Approvals a ``review`` request needs unless its datasets say otherwise.
@@ -351,8 +352,11 @@ def sweep_staging(home: MedZoneHome) -> list[str]:
 
 def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
             dataset_ids: Sequence[str], screen_config=None,
+            earlier: Sequence[tuple[int, Sequence[str]]] = (),
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Screen the quarantined files; (per-file results in *rel_paths* order, settings)."""
+    """Screen the quarantined files; (per-file results in *rel_paths* order, settings).
+    *earlier*: ``(request id, file paths)`` of released requests on the same datasets, whose
+    tables the new ones are compared with (differencing)."""
     config = screen_config or screen.ScreenConfig()  # the hub config's, when a face gives it
     loaded = indexes.load_indexes(home, dataset_ids) if dataset_ids else ()
     verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=loaded,
@@ -366,6 +370,11 @@ def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
             "verdict": verdict.verdict,
             "findings": [_finding_dict(f) for f in verdict.findings],
         }
+    for rel, found in _differencing(files_root, rel_paths, home, earlier, config).items():
+        if rel in by_path:
+            by_path[rel]["findings"] += [_finding_dict(f) for f in found]
+            by_path[rel]["verdict"] = overall_verdict(
+                [by_path[rel]["verdict"]] + [f.severity for f in found])
     results = []
     for rel in rel_paths:
         if rel not in by_path:  # fail closed: a file the screen did not report on
@@ -379,6 +388,50 @@ def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
         "datasets": list(dataset_ids),
     }
     return results, settings
+
+
+def released_files(session: Session, dataset_ids: Iterable[str]) -> list[tuple[int, list[str]]]:
+    """``(request id, file paths)`` of every approved or released request, anyone's, over
+    any of *dataset_ids*: the releases a new request's tables are compared with."""
+    wanted = set(dataset_ids)
+    if not wanted:
+        return []
+    rows = session.scalars(select(ExportRequest)
+                           .where(ExportRequest.state.in_(("approved", "released")))
+                           .order_by(ExportRequest.id))
+    return [(r.id, [f.path for f in r.files]) for r in rows
+            if wanted & set(r.dataset_ids or ())]
+
+
+def _differencing(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
+                  earlier: Sequence[tuple[int, Sequence[str]]], config) -> dict[str, list]:
+    """The ``differencing`` findings of the new files against the tables of *earlier*
+    releases (read from their quarantine, which holds exactly the bytes released)."""
+    if not earlier:
+        return {}
+
+    def tables(root: Path, paths: Iterable[str]) -> dict[str, list]:
+        out = {}
+        for rel in paths:
+            path = root / rel
+            try:
+                if path.is_symlink() or not path.is_file() or \
+                        path.stat().st_size > config.max_file_bytes:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found = differencing.file_tables(rel, data, config=config)
+            if found:
+                out[rel] = found
+        return out
+
+    new = tables(files_root, rel_paths)
+    if not new:
+        return {}
+    old = [(request_id, tables(quarantine_dir(home, request_id) / "files", paths))
+           for request_id, paths in earlier]
+    return differencing.check_differencing(new, old, config)
 
 
 def _finding_dict(finding) -> dict[str, Any]:
@@ -487,14 +540,17 @@ class StagedExport:
 def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
                  dataset_ids: Sequence[str], risk_report: str | None = None,
                  limits: ExportLimits | None = None, quota_used: int = 0,
-                 screen_config=None) -> StagedExport:
+                 screen_config=None,
+                 earlier: Sequence[tuple[int, Sequence[str]]] = ()) -> StagedExport:
     """Copy *paths* (and the *risk_report* file, if given) from *user*'s home into a sealed
     staging folder, hash and screen them there with the indexes of *dataset_ids*, and check
     the report's form. Touches no database.
 
     The home is read through :class:`~medzone_hub.homefs.UserHome` only. Every file's size
     is checked against *limits* (*quota_used*: bytes the user's requests already hold in
-    quarantine) before the staging folder is made, and again while copying."""
+    quarantine) before the staging folder is made, and again while copying. Their tables
+    are compared with those of the *earlier* releases (:func:`released_files`): a
+    difference that is a small count is a ``differencing`` finding naming that release."""
     validate_user_name(user)
     limits = limits or ExportLimits()
     fs = UserHome.of(home, user)
@@ -525,7 +581,8 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
             # The quarantined copy is checked: the bytes reviewers read and that leave.
             parse_risk_report(report_rel, (files_root / report_rel).read_bytes())
         # (Diff bases are the hub's own template copies, never files of the home.)
-        results, settings = _screen(files_root, rel_paths, home, dataset_ids, screen_config)
+        results, settings = _screen(files_root, rel_paths, home, dataset_ids, screen_config,
+                                    earlier)
         add_preview_findings(results)  # a file the review page cannot show needs a download
         report = audit.canonical_json({"files": results})
         (staged.path / "screen.json").write_text(report, encoding="utf-8")
@@ -637,9 +694,10 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
             _requester(session, user)
             grants = screening_datasets(session, user)
             held = quarantine_bytes(session, user)
+            released = released_files(session, grants)
         staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
                               risk_report=risk_report, limits=limits, quota_used=held,
-                              screen_config=screen_config)
+                              screen_config=screen_config, earlier=released)
         try:
             with store.session() as session:
                 return record_export(session, home, staged, reason=reason, now=now).id

@@ -21,9 +21,12 @@ RULE_FILE_TYPE = "file-type"
 RULE_FILE_SIZE = "file-size"
 RULE_MALFORMED = "malformed"
 RULE_PATH = "path"
+RULE_DOF = "degrees-of-freedom"
+RULE_SURVIVAL = "survival-risk-set"
+RULE_HISTOGRAM = "histogram-bins"
 RULES = (RULE_DATASET_IDENTIFIER, RULE_DIRECT_IDENTIFIER, RULE_EMBEDDED_DATA, RULE_DATASET_IMAGE,
          RULE_ROW_LEVEL, RULE_SMALL_COUNTS, RULE_MODEL_WEIGHTS, RULE_FILE_TYPE, RULE_FILE_SIZE,
-         RULE_MALFORMED, RULE_PATH)
+         RULE_MALFORMED, RULE_PATH, RULE_DOF, RULE_SURVIVAL, RULE_HISTOGRAM)
 
 MB = 1024 * 1024
 
@@ -76,8 +79,17 @@ class ScreenConfig:
     dominance_n: int = 2
     dominance_k: float = 0.9
     p_ratio: float = 0.1
+    # ACRO's other checks: a regression with fewer residual degrees of freedom than this
+    # (safe_dof_threshold), a survival table with a risk set, or a change of the risk set
+    # between two rows, below this (survival_safe_threshold); histogram bins use ``threshold``
+    dof_threshold: int = 10
+    survival_threshold: int = 10
     opensafely_redact_at_or_below: int = 7
     opensafely_rounding: int = 5
+    # differencing across releases: two tables are compared (a total and the same total minus
+    # a subgroup) when one lies within the other (no count larger in one and smaller in the
+    # other) and their counts differ by at most this fraction of the larger
+    differencing_max_fraction: float = 0.1
     # row-level data
     row_level_min_rows: int = 20  # a table at least this long …
     row_level_cohort_fraction: float = 0.5  # … and at least this share of the cohort
@@ -93,6 +105,16 @@ class ScreenConfig:
     max_compression_ratio: float = 200.0
     # embedded data in base64 strings of notebooks (shorter strings are not decoded)
     min_base64_chars: int = 64
+    # bytes written as text (textbytes.py): base64/hex/bytes-repr runs that decode to nothing
+    # the screen reads are reviewed from this many characters when their characters are at
+    # least this random (entropy over the alphabet's maximum); a numeric dump of at least
+    # this many values that matches no dataset image is reviewed; dumps are looked up as
+    # images when both sides hold at least numeric_dump_min_side values (calibrated on
+    # cohort seeds 1-3, see docs/screen.md)
+    text_bytes_review_chars: int = 512
+    text_bytes_min_randomness: float = 0.8
+    numeric_dump_review_values: int = 4096
+    numeric_dump_min_side: int = 16
     # image metadata: compressed PNG text (zTXt/iTXt) is decompressed up to this size
     max_metadata_bytes: int = 1 * MB
     # PNG tEXt chunks with these keywords and a short printable value are harmless
@@ -101,6 +123,8 @@ class ScreenConfig:
     # the file types that may leave (by content); anything else is a finding
     allowed_types: tuple[str, ...] = ("csv", "png", "jpeg", "svg", "html", "txt", "json",
                                       "ipynb", "md", "pdf")
+    # images drawn inside a figure (panels, insets, montage tiles) compared per figure
+    max_figure_regions: int = 24
     # image checks of one file in parallel (forked processes); findings keep their order
     workers: int = 0  # processes; 0: os.cpu_count(); 1: never a pool
     parallel_min_bytes: int = 2 * MB  # a file's images start a pool once they hold this much

@@ -65,7 +65,8 @@ def html_tables(text: str) -> list[Table]:
         if head_m:
             for tr in _TR_RE.finditer(head_m.group()):
                 cells = [_cell_text(c) for _k, c in _CELL_RE.findall(tr.group(1))]
-                if any(cells):
+                # pandas writes the column names' row, then the index names' row
+                if sum(map(bool, cells)) > sum(map(bool, header)):
                     header = cells
             body = body[:head_m.start()] + body[head_m.end():]
         rows, labels = [], []
