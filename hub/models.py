@@ -384,6 +384,16 @@ class Run(Base):
     runner_start: Mapped[int | None] = mapped_column(BigInteger)
     sandbox_pid: Mapped[int | None]
     sandbox_start: Mapped[int | None] = mapped_column(BigInteger)
+    #: The executor that runs it (``local``, ``slurm``: :mod:`medzone_hub.executors`) and
+    #: its job there once submitted; a queued run with no job is waiting for a slot.
+    executor: Mapped[str] = mapped_column(String(32), default="local", server_default="local")
+    executor_job: Mapped[str | None] = mapped_column(String(255))
+    #: What the run needs: ``{"gpu": "none"|"optional"|"required", "cpus": int,
+    #: "memory_bytes": int, "time_limit_s": int}`` (the template's, capped by the zone).
+    needs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: When it joined the queue (its place in its user's line) and when a worker took it.
+    queued_at: Mapped[datetime | None]
+    claimed_at: Mapped[datetime | None]
 
     user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
 
