@@ -128,6 +128,10 @@ class ScreenConfig:
     # image checks of one file in parallel (forked processes); findings keep their order
     workers: int = 0  # processes; 0: os.cpu_count(); 1: never a pool
     parallel_min_bytes: int = 2 * MB  # a file's images start a pool once they hold this much
+    # identical image bytes met again in a request (a re-run cell, an output that is also an
+    # attachment, the same figure in two files) reuse the first check's findings, reported
+    # at each place; decides only the work, never a verdict
+    dedupe_images: bool = True
 
     def __post_init__(self):
         if self.profile not in PROFILES:
