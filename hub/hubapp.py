@@ -21,7 +21,8 @@ The proxy is started here, not by JupyterHub (``ConfigurableHTTPProxy.should_sta
 off): JupyterHub kills a proxy it finds from an earlier run, which would drop every route.
 A proxy started by :func:`ensure_proxy` keeps serving while the hub restarts, and
 ``JupyterHub.cleanup_servers`` is off too, so running servers stay up and routed.
-:func:`stop_proxy` ends it.
+:func:`stop_proxy` ends it. Stopping the service (SIGTERM or SIGINT to ``medzone hub``,
+:func:`run_hub`) stops everything: servers, portal, hub and proxy.
 """
 
 from __future__ import annotations
@@ -322,23 +323,61 @@ def start_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PO
                             cwd=str(paths.state_dir), stdout=stdout, stderr=stderr)
 
 
+#: How long ``medzone hub`` waits for JupyterHub to stop its servers and services after a
+#: SIGTERM/SIGINT before it kills the hub (systemd's unit waits longer: deploy/).
+STOP_TIMEOUT = 60.0
+
+
 def run_hub(home: MedZoneHome, *, ip: str = DEFAULT_IP, port: int = DEFAULT_PORT,
             config_file: os.PathLike | str | None = None,
-            extra_args: list[str] | tuple[str, ...] = ()) -> int:
-    """``medzone hub``: run the hub in the foreground until it exits or Ctrl-C; its status.
+            extra_args: list[str] | tuple[str, ...] = (),
+            stop_timeout: float = STOP_TIMEOUT) -> int:
+    """``medzone hub``: the zone's service in the foreground; its exit status.
 
-    Running servers and the proxy are left running when the hub stops, so a restart
-    keeps every server routed.
+    SIGTERM or SIGINT (what systemd, Docker and Ctrl-C send) stops the whole service:
+    JupyterHub stops every user's server and the portal, then the proxy stops, and the
+    command exits 0 once nothing of it runs. If JupyterHub exits on its own (a crash), the
+    proxy and the servers stay up, so that a supervisor's restart finds every server
+    routed; the hub's status is returned.
     """
-    hub = start_hub(home, ip=ip, port=port, config_file=config_file, extra_args=extra_args)
+    # A service stop ends the users' sandboxes too (a stopped zone holds no GPU); the
+    # config keeps them across a hub that merely restarts.
+    hub = start_hub(home, ip=ip, port=port, config_file=config_file,
+                    extra_args=[*extra_args, "--JupyterHub.cleanup_servers=True"])
     print(f"MedZone hub: http://{ip}:{port}/ (state in {HubPaths(home).state_dir})",
           file=sys.stderr, flush=True)
-    while True:
-        try:
-            return hub.wait()
-        except KeyboardInterrupt:
-            # The hub got the same SIGINT (same process group) and shuts down cleanly.
-            continue
+    stopping: list[int] = []
+
+    def stop(signum, _frame):
+        if not stopping:
+            print(f"medzone hub: {signal.Signals(signum).name}: stopping the servers, the "
+                  "portal, the hub and the proxy", file=sys.stderr, flush=True)
+        stopping.append(signum)
+        if hub.poll() is None:
+            hub.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    deadline = None
+    try:
+        while True:
+            try:
+                status = hub.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if stopping and deadline is None:
+                deadline = time.monotonic() + stop_timeout
+            if deadline is not None and time.monotonic() > deadline:
+                print("medzone hub: the hub did not stop in time; killing it", file=sys.stderr,
+                      flush=True)
+                hub.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not stopping:
+        return status
+    stop_proxy(home)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import websocket
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
-import websocket
 
 from medzone_hub import access, accounts, registry
 from medzone_hub.config import MedZoneHome
@@ -116,10 +117,18 @@ class Hub:
 
     # processes ----------------------------------------------------------------------
 
-    def start(self):
+    def start(self, *, as_service: bool = False):
+        """Start the hub; *as_service*: through ``medzone hub`` in a session of its own, as
+        a supervisor (systemd, Docker) runs it, instead of JupyterHub directly."""
         log = open(self.log_path, "ab")
-        self.proc = start_hub(self.home, port=self.port, config_file=self.config,
-                              stdout=log, stderr=subprocess.STDOUT)
+        if as_service:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "medzone_hub.cli", "--home", str(self.home.root), "hub",
+                 "--port", str(self.port), "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        else:
+            self.proc = start_hub(self.home, port=self.port, config_file=self.config,
+                                  stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -286,9 +295,11 @@ def add_dataset(h: Hub, dataset_id: str, text: str, *, title: str | None = None,
 
 
 @contextmanager
-def running_hub(datasets: dict[str, str], *, extra_config: str = "", setup=None):
+def running_hub(datasets: dict[str, str], *, extra_config: str = "", setup=None,
+                as_service: bool = False):
     """A started :class:`Hub` with *datasets* (id -> readme text) and a ``steward``
-    account; *setup(hub)* runs before the hub starts. Everything is torn down after."""
+    account; *setup(hub)* runs before the hub starts (*as_service*: see
+    :meth:`Hub.start`). Everything is torn down after."""
     base = Path(tempfile.mkdtemp(prefix="mzhub-", dir="/tmp"))
     os.chmod(base, 0o755)
     h = Hub(base, extra_config)
@@ -299,7 +310,7 @@ def running_hub(datasets: dict[str, str], *, extra_config: str = "", setup=None)
     try:
         if setup is not None:
             setup(h)
-        h.start()
+        h.start(as_service=as_service)
         yield h
     finally:
         try:

@@ -5,6 +5,7 @@ that cannot be read is a finding and a block, never an exception."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -16,7 +17,7 @@ from . import containers, embedded
 from .images import check_image
 from .model import (BLOCK, PASS, REVIEW, RULE_EMBEDDED_DATA, RULE_FILE_SIZE,
                     RULE_FILE_TYPE, RULE_MALFORMED, RULE_MODEL_WEIGHTS, RULE_PATH, Collector,
-                    FileVerdict, ScreenConfig, worst)
+                    FileVerdict, Finding, ScreenConfig, worst)
 from .notebook import NotebookScreen
 from .tables import check_table, csv_table
 from .text import IndexProbe, scan_text
@@ -36,12 +37,18 @@ def _unreadable(col: Collector, error: str) -> None:
         col.add(RULE_MALFORMED, BLOCK, "file", f"the screen could not read this file ({error})")
 
 
-def screen_bytes(name: str, data: bytes, *, indexes: Iterable = (),
-                 config: ScreenConfig = _DEFAULT) -> FileVerdict:
+def screen_bytes(name: str, data: bytes, *, pool=None, indexes: Iterable = (),
+                 config: ScreenConfig = _DEFAULT, seen_images: dict | None = None
+                 ) -> FileVerdict:
     """Screen one file's bytes; ``name`` is only reported (and tells notebooks, CSV and model
-    files apart from other text); the content decides everything else."""
+    files apart from other text); the content decides everything else.
+
+    ``seen_images``: the image checks of other files of the same request with the same
+    indexes and config (a dict this call reads and adds to; :func:`screen_paths` shares
+    one across its files), so that an image met again is not decoded again."""
     col = Collector(config, indexes)
-    images = _ImageChecks(col)
+    images = _ImageChecks(col, seen_images)
+    images.shared = pool  # a ScreenPool the caller started (pool.py), or None
     error = None
     try:
         _Screen(col, IndexProbe(col.indexes), images).content(bytes(data), name, "file", 0)
@@ -88,9 +95,22 @@ def _check_images(batch: list, context: tuple | None = None) -> list:
     return out
 
 
+def _relocated(found: list, origin: str, location: str) -> list:
+    """The findings of an image checked at ``origin``, as if checked at ``location``."""
+    if origin == location:
+        return found
+    return [Finding(f.rule, f.severity, location + f.location[len(origin):], f.detail)
+            if f.location == origin or f.location.startswith(origin + " ") else f
+            for f in found]
+
+
 class _ImageChecks:
     """The image checks of one file, out of line: each image's findings are spliced back at
     the place it was met, so the findings and their order do not depend on where it ran.
+
+    Identical image bytes (a re-run cell, an output that is also an attachment, the same
+    figure in another file of the request) are checked once, keyed by their SHA-256: the
+    copies get the first check's findings at their own place (``dedupe_images``).
 
     Images wait in a batch; once a file's images hold ``parallel_min_bytes`` they go to a
     pool of forked processes (while this one screens the text), so small files never start
@@ -99,18 +119,37 @@ class _ImageChecks:
     _BATCH_BYTES = 1 << 20
     _BATCH_IMAGES = 16
 
-    def __init__(self, col: Collector):
+    def __init__(self, col: Collector, seen: dict | None = None):
         self.col = col
         cfg = col.config
         self.workers = cfg.workers or os.cpu_count() or 1
         self.places: list[int] = []  # len(col.findings) where each image was met
+        self.locations: list[str] = []  # and its location
+        # Per image: the number of the check that gives its findings, or (location,
+        # findings) of a check done for an earlier file (from ``seen``).
+        self.sources: list = []
+        self.checks: list[tuple[bytes | None, str]] = []  # (digest, location) per check
+        self.first: dict[bytes, int] = {}  # digest -> its check in this file
+        self.seen = {} if seen is None else seen  # digest -> (location, findings), done
         self.pending: list[tuple[bytes, str]] = []
         self.pending_bytes = 0
         self.done: list = []  # results, or futures of batches, in order
         self.pool: ProcessPoolExecutor | None = None
+        self.shared = None
 
     def add(self, data: bytes, location: str) -> None:
         self.places.append(len(self.col.findings))
+        self.locations.append(location)
+        digest = None
+        if self.col.config.dedupe_images:
+            digest = hashlib.sha256(data).digest()
+            source = self.seen.get(digest, self.first.get(digest))
+            if source is not None:
+                self.sources.append(source)
+                return
+            self.first[digest] = len(self.checks)
+        self.sources.append(len(self.checks))
+        self.checks.append((digest, location))
         self.pending.append((data, location))
         self.pending_bytes += len(data)
         if self.pool is None and self.pending_bytes >= self.col.config.parallel_min_bytes:
@@ -173,11 +212,25 @@ class _ImageChecks:
                     break
         finally:
             self.close()
-        inserts = list(zip(self.places, (found for found, _ in results)))
-        error = results[-1][1] if results else None
-        if error:
-            self.col.truncate(self.places[len(results) - 1])
+        # Every image up to the first failure, each copy with its check's findings (the
+        # first image of a failed check is the failure: its copies come later).
+        inserts, error = [], None
+        for place, location, source in zip(self.places, self.locations, self.sources):
+            if isinstance(source, int):
+                if source >= len(results):
+                    break
+                found, error = results[source]
+                origin = self.checks[source][1]
+            else:
+                origin, found = source
+            inserts.append((place, _relocated(found, origin, location)))
+            if error:
+                self.col.truncate(place)
+                break
         self.col.splice(inserts)
+        for (digest, location), (found, failed) in zip(self.checks, results):
+            if digest is not None and not failed:
+                self.seen[digest] = (location, found)
         return error
 
 
@@ -420,8 +473,8 @@ def _expand(paths: Iterable) -> list[Path]:
     return out
 
 
-def screen_path(path, *, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
-                root: Path | None = None) -> FileVerdict:
+def screen_path(path, *, pool=None, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
+                root: Path | None = None, seen_images: dict | None = None) -> FileVerdict:
     path = Path(path)
     shown = str(path)
     col = Collector(config, indexes)
@@ -460,16 +513,22 @@ def screen_path(path, *, indexes: Sequence = (), config: ScreenConfig = _DEFAULT
     except OSError as err:
         col.add(RULE_MALFORMED, BLOCK, "path", f"cannot be read ({type(err).__name__})")
         return _verdict(shown, col)
-    verdict = screen_bytes(path.name, data, indexes=col.indexes, config=config)
+    verdict = screen_bytes(path.name, data, pool=pool, indexes=col.indexes, config=config,
+                           seen_images=seen_images)
     return FileVerdict(shown, worst([verdict.verdict] + [f.severity for f in col.findings]),
                        list(col.findings) + verdict.findings)
 
 
-def screen_paths(paths, *, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
+def screen_paths(paths, *, pool=None, indexes: Sequence = (), config: ScreenConfig = _DEFAULT,
                  root: Path | None = None) -> list[FileVerdict]:
     """One verdict per file (folders are expanded). With ``root``, anything that resolves
-    outside it (a symlink, ``..``) is blocked unread."""
-    return [screen_path(p, indexes=indexes, config=config, root=root) for p in _expand(paths)]
+    outside it (a symlink, ``..``) is blocked unread. An image met in several files is
+    decoded and checked once. ``pool``: a :class:`~.pool.ScreenPool` that checks the images
+    (a service's, started once; safe from any thread)."""
+    seen: dict = {}
+    return [screen_path(p, pool=pool, indexes=indexes, config=config, root=root,
+                        seen_images=seen)
+            for p in _expand(paths)]
 
 
 __all__ = ["screen_bytes", "screen_path", "screen_paths"]
