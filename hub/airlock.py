@@ -352,15 +352,16 @@ def sweep_staging(home: MedZoneHome) -> list[str]:
 
 def _screen(files_root: Path, rel_paths: Sequence[str], home: MedZoneHome,
             dataset_ids: Sequence[str], screen_config=None,
-            earlier: Sequence[tuple[int, Sequence[str]]] = (),
+            earlier: Sequence[tuple[int, Sequence[str]]] = (), screen_pool=None,
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Screen the quarantined files; (per-file results in *rel_paths* order, settings).
     *earlier*: ``(request id, file paths)`` of released requests on the same datasets, whose
-    tables the new ones are compared with (differencing)."""
+    tables the new ones are compared with (differencing). *screen_pool*: the service's
+    :class:`~medzone_hub.screen.pool.ScreenPool`, if it has one."""
     config = screen_config or screen.ScreenConfig()  # the hub config's, when a face gives it
     loaded = indexes.load_indexes(home, dataset_ids) if dataset_ids else ()
     verdicts = screen.screen_paths([files_root / p for p in rel_paths], indexes=loaded,
-                                   config=config, root=files_root)
+                                   config=config, root=files_root, pool=screen_pool)
     by_path: dict[str, dict[str, Any]] = {}
     for verdict in verdicts:
         path = Path(verdict.path)
@@ -541,7 +542,8 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
                  dataset_ids: Sequence[str], risk_report: str | None = None,
                  limits: ExportLimits | None = None, quota_used: int = 0,
                  screen_config=None,
-                 earlier: Sequence[tuple[int, Sequence[str]]] = ()) -> StagedExport:
+                 earlier: Sequence[tuple[int, Sequence[str]]] = (),
+                 screen_pool=None) -> StagedExport:
     """Copy *paths* (and the *risk_report* file, if given) from *user*'s home into a sealed
     staging folder, hash and screen them there with the indexes of *dataset_ids*, and check
     the report's form. Touches no database.
@@ -582,7 +584,7 @@ def stage_export(home: MedZoneHome, *, user: str, paths: Iterable[str],
             parse_risk_report(report_rel, (files_root / report_rel).read_bytes())
         # (Diff bases are the hub's own template copies, never files of the home.)
         results, settings = _screen(files_root, rel_paths, home, dataset_ids, screen_config,
-                                    earlier)
+                                    earlier, screen_pool)
         add_preview_findings(results)  # a file the review page cannot show needs a download
         report = audit.canonical_json({"files": results})
         (staged.path / "screen.json").write_text(report, encoding="utf-8")
@@ -680,8 +682,9 @@ def record_export(session: Session, home: MedZoneHome, staged: StagedExport, *, 
 def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], reason: str,
                   risk_report: str | None = None, now: datetime | None = None,
                   attempts: int = 3, limits: ExportLimits | None = None,
-                  screen_config=None) -> int:
+                  screen_config=None, screen_pool=None) -> int:
     """Request the export of *paths* from *user*'s home; the new request's id (committed).
+    *screen_pool*: a service's screening processes (the hub API's, the portal's).
 
     Three steps, so a large request does not hold the database's write lock: read the
     datasets to screen against and the quarantine the requester holds, copy and screen
@@ -697,7 +700,8 @@ def submit_export(store, home: MedZoneHome, *, user: str, paths: Iterable[str], 
             released = released_files(session, grants)
         staged = stage_export(home, user=user, paths=paths, dataset_ids=grants,
                               risk_report=risk_report, limits=limits, quota_used=held,
-                              screen_config=screen_config, earlier=released)
+                              screen_config=screen_config, earlier=released,
+                              screen_pool=screen_pool)
         try:
             with store.session() as session:
                 return record_export(session, home, staged, reason=reason, now=now).id

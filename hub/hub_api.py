@@ -22,6 +22,7 @@ lives here. A refusal is a JSON error with the airlock's one-line message.
 from __future__ import annotations
 
 import asyncio
+import atexit
 from typing import Any
 
 from jupyterhub.apihandlers import APIHandler
@@ -32,6 +33,7 @@ from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError
 from .hubconfig import screen_config
+from .screen.pool import ScreenPool
 
 #: Keys a request body may have.
 REQUEST_KEYS = frozenset({"paths", "reason", "risk_report"})
@@ -43,9 +45,11 @@ def http_error(err: MedZoneError) -> web.HTTPError:
 
 
 class _MedZoneAPIHandler(APIHandler):
-    def initialize(self, medzone_home: str, export_limits: airlock.ExportLimits | None = None):
+    def initialize(self, medzone_home: str, export_limits: airlock.ExportLimits | None = None,
+                   screen_pool: ScreenPool | None = None):
         self.medzone_home = resolve_home(medzone_home)
         self.export_limits = export_limits
+        self.screen_pool = screen_pool
 
     def limits(self) -> airlock.ExportLimits:
         """The export limits: given to :func:`api_handlers`, else the ``ExportLimits``
@@ -113,7 +117,8 @@ class ExportsHandler(_MedZoneAPIHandler):
         request_id = await self.run(airlock.submit_export, self.store, self.medzone_home,
                                     user=user, paths=paths, reason=reason,
                                     risk_report=risk_report, limits=self.limits(),
-                                    screen_config=screen_config(self.settings.get("config")))
+                                    screen_config=screen_config(self.settings.get("config")),
+                                    screen_pool=self.screen_pool)
         self.log.info("export request %s by %s through the hub API", request_id, user)
         info = await self.run(self._status, request_id, user)
         self.set_status(201)
@@ -130,11 +135,19 @@ class ExportHandler(_MedZoneAPIHandler):
 
 
 def api_handlers(home: str | MedZoneHome | None = None,
-                 export_limits: airlock.ExportLimits | None = None) -> list[tuple]:
+                 export_limits: airlock.ExportLimits | None = None,
+                 screen_pool: ScreenPool | None = None) -> list[tuple]:
     """The handlers to give ``JupyterHub.extra_handlers`` for the store under *home*
-    (*export_limits*: :meth:`medzone_hub.airlock.ExportLimits.from_config` of the config)."""
+    (*export_limits*: :meth:`medzone_hub.airlock.ExportLimits.from_config` of the config).
+
+    Their screens check images in *screen_pool*, by default one made here, with the hub:
+    its processes start when a screen first needs them (spawned, so the hub's threads do
+    not matter), serve every later request, and stop when the hub exits."""
     root = str(home.root if isinstance(home, MedZoneHome) else resolve_home(home).root)
-    kwargs = {"medzone_home": root, "export_limits": export_limits}
+    if screen_pool is None:
+        screen_pool = ScreenPool()
+        atexit.register(screen_pool.shutdown)
+    kwargs = {"medzone_home": root, "export_limits": export_limits, "screen_pool": screen_pool}
     return [
         (r"/api/medzone/exports/?", ExportsHandler, kwargs),
         (r"/api/medzone/exports/(\d{1,18})/?", ExportHandler, kwargs),

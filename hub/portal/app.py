@@ -28,6 +28,7 @@ from ..accounts import hub_db_factory
 from ..db import open_store
 from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
+from ..screen.pool import ScreenPool
 from . import SERVICE_NAME, access_pages, audit_page, export_pages, run_pages
 from .runs import RunTracker
 
@@ -54,6 +55,9 @@ class Portal:
     export_limits: object = None
     #: The screen's settings (the hub config's ``ScreenConfig`` section).
     screen_config: object = None
+    #: The processes that check images for every screen of the portal
+    #: (:class:`medzone_hub.screen.pool.ScreenPool`), started with it.
+    screen_pool: object = None
     _hub_db_factory: object = field(default=None, repr=False)
 
     def hub_db(self):
@@ -164,6 +168,7 @@ class PortalApp(Application):
         portal.runs = RunTracker(portal)
         portal.export_limits = export_limits(self.config)
         portal.screen_config = screen_config(self.config)
+        portal.screen_pool = ScreenPool(portal.screen_config.workers)
         return web.Application(
             handlers(prefix), portal=portal, cookie_secret=cookie_secret(home),
             xsrf_cookies=True, static_url_prefix=prefix + "static/",
@@ -176,7 +181,10 @@ class PortalApp(Application):
         app.listen(url.port or 80, address=url.hostname or "127.0.0.1", xheaders=True)
         self.log.info("MedZone portal at %s (public prefix %s)", self.service_url,
                       app.settings["portal"].prefix)
-        ioloop.IOLoop.current().start()
+        try:
+            ioloop.IOLoop.current().start()
+        finally:
+            app.settings["portal"].screen_pool.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ class ExportsHandler(PortalHandler):
         request_id = await asyncio.to_thread(
             airlock.submit_export, self.store, self.home, user=self.user_name, paths=paths,
             reason=self.get_body_argument("reason", ""), limits=self.portal.export_limits,
-            screen_config=self.portal.screen_config)
+            screen_config=self.portal.screen_config, screen_pool=self.portal.screen_pool)
         self.redirect(self.url(f"exports/{request_id}"))
 
 

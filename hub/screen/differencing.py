@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .model import REVIEW, Finding, ScreenConfig
-from .tables import Table, _count_columns, _SUPPRESSED_RE, _as_int, csv_table, html_tables, text_tables
+from .tables import (_SUPPRESSED_RE, Table, _as_int, _count_columns, csv_table, html_tables,
+                     text_tables)
 
 RULE_DIFFERENCING = "differencing"
 
@@ -67,7 +68,8 @@ def _notebook_tables(nb) -> list[LocatedTable]:
                 continue
             where = f"cell {i} output {k}"
             if output.get("output_type") == "stream":
-                add(text_tables(_text(output.get("text"))), f"{where} {output.get('name', 'stream')}")
+                add(text_tables(_text(output.get("text"))),
+                    f"{where} {output.get('name', 'stream')}")
                 continue
             data = output.get("data")
             if not isinstance(data, dict):

@@ -159,6 +159,14 @@ class _ImageChecks:
             self._submit()
 
     def _start(self) -> ProcessPoolExecutor | None:
+        if self.shared is not None:  # spawned processes, safe from any thread
+            if self.workers < 2 or len(self.pending) < 2 or not any(
+                    getattr(ix, "counts", {}).get("images", 1) for ix in self.col.indexes):
+                return None
+            try:
+                return self.shared.checker(self.col.config, self.col.indexes)
+            except RuntimeError:  # the pool was shut down: check inline
+                return None
         # Indexes without images have nothing to compare a figure with.
         # Called from a thread (the hub's or the portal's executor), this process is
         # multi-threaded: a fork could copy a lock another thread holds, so check inline.
