@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import metering
 from ..config import MedZoneHome
 from .argv import bwrap_argv
 from .policy import SandboxError, SandboxPolicy, homes_dir
-from .resources import GpuRegistry, release_gpu, release_resources, remove_cgroup, sandbox_cgroup
+from .resources import GpuRegistry, cgroup_members, release_gpu, release_resources, \
+    remove_cgroup, sandbox_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ KEEPER = ("/bin/sh", "-c", '"$@"', "medzone-sandbox")
 
 def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
     """Create (or repair) ``MEDZONE_HOME/homes/<user>``: owned by the sandbox uid, 0700.
+    A home left by an earlier uid of the same user has its contents given to the new one
+    (:func:`give_home_to`).
 
     ``homes/`` itself is 0711 so a sandbox uid can reach its own home but list no other.
     The home is owned and its mode set through a descriptor opened with ``O_NOFOLLOW``
@@ -61,11 +65,74 @@ def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
         if policy.drop_to_uid:
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid) != (policy.uid, policy.gid):
+                if st.st_uid not in (0, policy.uid):  # the user's uid changed
+                    # The folder itself changes last: a repair cut short runs again.
+                    given = give_home_to(fd, (st.st_uid, st.st_gid), (policy.uid, policy.gid))
+                    log.warning("home %s: the user's uid changed from %d to %d; %d entries "
+                                "inside given to the new uid", path, st.st_uid, policy.uid,
+                                given)
                 os.fchown(fd, policy.uid, policy.gid)
         os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
     return path
+
+
+#: A home holding more entries than this is not repaired in one go (the spawn is refused
+#: with a message naming the home) rather than stalling a spawn for minutes.
+MAX_REPAIRED_ENTRIES = 2_000_000
+
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def give_home_to(home_fd: int, old: tuple[int, int], new: tuple[int, int]) -> int:
+    """Everything inside the home (open as *home_fd*) owned by the *old* (uid, gid) is
+    given to the *new* one: the files a user made before their sandbox uid changed (a new
+    ``uid_base``, a home restored from a backup). How many entries changed.
+
+    The user owns the home and may have planted links in it, so nothing is followed: each
+    folder is opened from its parent's descriptor with ``O_NOFOLLOW``, each entry changed
+    with ``fchownat(AT_SYMLINK_NOFOLLOW)`` (a symbolic link itself, never its target), a
+    mount point is not entered, and only what the old uid owns changes (a hard link to a
+    file of root's or of anyone else stays theirs). The group changes only where it was the
+    old group.
+    """
+    dev = os.fstat(home_fd).st_dev
+    given = 0
+    pending = [os.dup(home_fd)]
+    try:
+        while pending:
+            fd = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    names = [e.name for e in entries]
+                for name in names:
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        continue  # gone meanwhile
+                    if st.st_dev != dev:
+                        continue
+                    if st.st_uid == old[0]:
+                        given += 1
+                        if given > MAX_REPAIRED_ENTRIES:
+                            raise SandboxError(
+                                f"the home holds more than {MAX_REPAIRED_ENTRIES} entries of "
+                                f"uid {old[0]}: give them to uid {new[0]} by hand "
+                                "(chown -R --no-dereference) before the next start")
+                        os.chown(name, new[0], new[1] if st.st_gid == old[1] else -1,
+                                 dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        try:
+                            pending.append(os.open(name, _DIR_OPEN, dir_fd=fd))
+                        except OSError:
+                            continue  # swapped for a link meanwhile: not followed
+            finally:
+                os.close(fd)
+    finally:
+        for fd in pending:
+            os.close(fd)
+    return given
 
 
 def check_reachable(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]] = ()) -> None:
@@ -292,6 +359,9 @@ async def start_sandboxed(
                            f"(exit status {rc})") from err
     if policy.gpu_key and policy.gpu_registry:
         GpuRegistry(policy.gpu_registry).set_owner(policy.gpu_key, process.pid)
+    if policy.gpu is not None:  # metered until measured (medzone_hub.metering.measure_tree)
+        metering.watch_gpus(child_pid, proc_start_time(child_pid), [policy.gpu],
+                            cgroup_members(cgroup) if cgroup is not None else ())
     return SandboxProcess(child_pid, proc_start_time(child_pid), process.pid, cgroup,
                           policy.gpu_registry, policy.gpu_key, process, policy, reason)
 
@@ -314,6 +384,7 @@ def run_sandboxed(policy: SandboxPolicy, command: Sequence[str], *,
     cgroup, reason = _prepare_start(policy, home, extra_ro_binds)
     if reason:
         log.warning("warning: %s", reason)
+    meter = None
     try:
         argv = bwrap_argv(policy, list(command), cgroup=cgroup, extra_ro_binds=extra_ro_binds,
                           extra_env=extra_env)
@@ -321,10 +392,14 @@ def run_sandboxed(policy: SandboxPolicy, command: Sequence[str], *,
             proc = subprocess.Popen(argv, env={}, close_fds=True, pass_fds=tuple(pass_fds))
         except OSError as err:
             raise SandboxError(f"cannot start bubblewrap: {err}") from None
+        # What the sandbox uses, for medzone_hub.metering.take_last in this thread.
+        meter = metering.Meter(cgroup_members(cgroup) if cgroup is not None else (),
+                               [policy.gpu] if policy.gpu is not None else (),
+                               policy.datasets)
         try:
             if on_start is not None:
                 on_start(proc.pid)
-            rc = proc.wait()
+            rc = meter.wait(proc)
         except BaseException:
             # On SIGINT the monitor got the same signal; --die-with-parent takes the sandbox
             # down with it.
@@ -332,5 +407,7 @@ def run_sandboxed(policy: SandboxPolicy, command: Sequence[str], *,
             proc.wait()
             raise
     finally:
+        if meter is not None:  # read before the cgroup goes
+            metering.remember(meter.finish())
         release_resources(policy, cgroup)
     return 128 - rc if rc < 0 else rc
