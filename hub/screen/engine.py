@@ -323,9 +323,12 @@ class _Screen:
                 value = None
             if value is not None:
                 NotebookScreen(col, self.probe, self.nested).walk(value, where)
+                NotebookScreen(col, self.probe, self.nested).text_bytes(text, where,
+                                                                        numeric_only=True)
                 return
         if lower.endswith((".csv", ".tsv")):
             scan_text(text, self.probe, col, where)
+            NotebookScreen(col, self.probe, self.nested).text_bytes(text, where)
             table = csv_table(text)
             if table is not None:
                 check_table(table, col, where, is_csv=True)

@@ -111,7 +111,7 @@ class ScreenConfig:
     # this many values that matches no dataset image is reviewed; dumps are looked up as
     # images when both sides hold at least numeric_dump_min_side values (calibrated on
     # cohort seeds 1-3, see docs/screen.md)
-    text_bytes_review_chars: int = 512
+    text_bytes_review_chars: int = 256
     text_bytes_min_randomness: float = 0.8
     numeric_dump_review_values: int = 4096
     numeric_dump_min_side: int = 16

@@ -12,6 +12,7 @@ from . import embedded
 from .model import BLOCK, REVIEW, RULE_EMBEDDED_DATA, RULE_MALFORMED, Collector
 from .tables import check_table, html_tables, text_tables
 from .text import scan_text
+from .textbytes import scan_text_bytes
 
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
 _B64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
@@ -42,6 +43,7 @@ class NotebookScreen:
         self.col = col
         self.probe = probe
         self.screen_nested = screen_nested  # (bytes, location, name, only_known) -> bool
+        self._streams: dict | None = None  # a cell's stream texts, read as one for text bytes
 
     def run(self, text: str) -> None:
         col = self.col
@@ -72,8 +74,15 @@ class NotebookScreen:
             if not isinstance(outputs, list):
                 col.add(RULE_MALFORMED, BLOCK, where, "outputs that are not a list")
                 continue
+            self._streams = {}
             for k, out in enumerate(outputs, 1):
                 self.output(out, f"{where} output {k}")
+            # bytes printed in pieces may be split over several stream outputs
+            for name, parts in self._streams.items():
+                loc = parts[0][0] if len(parts) == 1 else \
+                    f"{where} {name} (outputs {parts[0][1]}–{parts[-1][1]})"
+                self.text_bytes("".join(text for _, _, text in parts), loc, skip_data_uris=True)
+            self._streams = None
         for key in nb:
             if key not in ("cells", "metadata", "nbformat", "nbformat_minor"):
                 self.walk(nb[key], f"notebook field {key!r}"[:60])
@@ -91,8 +100,13 @@ class NotebookScreen:
                     f"a huge output ({size} characters, limit {col.config.max_output_bytes})")
         kind = out.get("output_type")
         if kind == "stream":
-            self.scan(_text(out.get("text", "")), f"{where} {out.get('name', 'stream')}",
-                      tables="text")
+            name = str(out.get("name", "stream"))
+            text = _text(out.get("text", ""))
+            self.scan(text, f"{where} {name}", tables="text",
+                      text_bytes=self._streams is None)
+            if self._streams is not None:
+                self._streams.setdefault(name, []).append(
+                    (f"{where} {name}", where.rsplit(" ", 1)[-1], text))
         elif kind == "error":
             scan_text(_text(out.get("traceback", [])) + "\n" + _text(out.get("evalue", "")),
                       self.probe, col, f"{where} error")
@@ -119,7 +133,8 @@ class NotebookScreen:
             else:
                 self.walk(value, loc)
 
-    def scan(self, text: str, where: str, *, tables: str | None = None) -> None:
+    def scan(self, text: str, where: str, *, tables: str | None = None,
+             text_bytes: bool = True) -> None:
         """Text rules over ``text``, its tables (``"html"`` or ``"text"``), then the files in
         its data URIs. A payload that holds a known kind of file (an image, an array, an
         archive …) is screened as that file, and the text rules skip it: base64 is no text."""
@@ -139,6 +154,15 @@ class NotebookScreen:
         for _start, _end, data, loc in uris:
             if not self.screen_nested(data, loc, "", only_known=True):
                 self.unknown_payload(data, loc)
+        if text_bytes:
+            self.text_bytes(text, where, skip_data_uris=True)
+
+    def text_bytes(self, text: str, where: str, **options) -> None:
+        """Bytes written as text (base64, hex, bytes reprs, numeric dumps): textbytes.py."""
+        scan_text_bytes(text, self.col, where,
+                        lambda data, loc: self.screen_nested(data, loc, "", only_known=True),
+                        lambda decoded, loc: scan_text(decoded, self.probe, self.col, loc),
+                        **options)
 
     def unknown_payload(self, data: bytes, where: str) -> None:
         """A data URI of no known kind of file: its text under the text rules; binary the
@@ -193,3 +217,4 @@ class NotebookScreen:
             plain.append(s)
         if plain:
             scan_text("\n".join(plain), self.probe, self.col, where)
+            self.text_bytes("\n".join(plain), where)
