@@ -230,6 +230,13 @@ class SafeZoneSpawner(Spawner):
              "EPERM). On a machine it has no table for (not x86_64/aarch64), servers do not "
              "start unless this is off.",
     )
+    home_quota_bytes = Integer(
+        20 << 30, allow_none=True, config=True,
+        help="Most disk space a user's home may take (allocated blocks, as du counts; links "
+             "not followed). Over it, the user gets no new server or template run, with a "
+             "message saying how much the home uses, until files are deleted. Checked at "
+             "each start by walking the home. None: no limit.",
+    )
     dataset_gid_base = Integer(
         sandbox.DATASET_GID_BASE, config=True,
         help="Dataset folders' host groups lie from here on (given once per dataset at "
@@ -340,6 +347,7 @@ class SafeZoneSpawner(Spawner):
             shm_size_bytes=self.shm_size_bytes,
             seccomp=self.seccomp,
             dataset_gid_base=self.dataset_gid_base,
+            home_quota_bytes=self.home_quota_bytes,
         )
 
     def _audit(self, action: str, detail: dict) -> None:

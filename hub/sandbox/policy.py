@@ -97,7 +97,9 @@ class SandboxConfig:
     512 MiB; ``/dev`` itself is read-only); ``seccomp``: install the system-call filter of
     :mod:`medzone_hub.sandbox.seccomp` (a sandbox does not start on a machine it has no table for).
     ``dataset_gid_base``: dataset groups (see :func:`dataset_gids`) are given to a sandbox
-    only from this range.
+    only from this range. ``home_quota_bytes``: a home using more (allocated blocks, as
+    ``du`` counts) gets no new server, run or ``sandbox exec`` until files are deleted
+    (default 20 GiB).
     """
 
     uid_base: int = 200000
@@ -115,6 +117,7 @@ class SandboxConfig:
     shm_size_bytes: int | None = 512 << 20
     seccomp: bool = True
     dataset_gid_base: int = DATASET_GID_BASE
+    home_quota_bytes: int | None = 20 << 30
 
 
 def default_memory_limit() -> int:
@@ -172,6 +175,7 @@ class SandboxPolicy:
     groups: list[int] = field(default_factory=list)  # supplementary gids: live grants' datasets
     limit_notes: list[str] = field(default_factory=list)  # limits that cannot apply here
     state_dir: Path | None = None  # MEDZONE_HOME/sandbox: the GPU registry's folder
+    home_quota_bytes: int | None = None  # checked by ensure_home before a sandbox starts
 
     @property
     def host_uid(self) -> int:
@@ -260,6 +264,7 @@ def build_policy(home: MedZoneHome, account: AccountFacts, granted: Iterable[str
         nproc_limit=config.nproc_limit,
         tmp_size_bytes=config.tmp_size_bytes,
         shm_size_bytes=config.shm_size_bytes,
+        home_quota_bytes=config.home_quota_bytes,
         groups=dataset_gids(home, datasets, config.dataset_gid_base) if privileged else [],
         gpu_allowed=gpu_allowed(account, config),
         gpu_sessions_per_gpu=config.gpu_sessions_per_gpu,

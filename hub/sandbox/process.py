@@ -19,7 +19,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +73,27 @@ def ensure_home(home: MedZoneHome, policy: SandboxPolicy) -> Path:
                                 given)
                 os.fchown(fd, policy.uid, policy.gid)
         os.fchmod(fd, 0o700)
+        if policy.home_quota_bytes is not None:
+            used = home_usage_bytes(fd)
+            if used > policy.home_quota_bytes:
+                raise HomeOverQuota(
+                    f"the home of {path.name} uses {_size(used)}, over its quota of "
+                    f"{_size(policy.home_quota_bytes)}: delete files (a data steward can "
+                    "reach them on the host) before starting a server or a run")
     finally:
         os.close(fd)
     return path
+
+
+class HomeOverQuota(SandboxError):
+    """A home over ``home_quota_bytes``: no new sandbox for it until files are deleted."""
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 #: A home holding more entries than this is not repaired in one go (the spawn is refused
@@ -85,20 +103,14 @@ MAX_REPAIRED_ENTRIES = 2_000_000
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def give_home_to(home_fd: int, old: tuple[int, int], new: tuple[int, int]) -> int:
-    """Everything inside the home (open as *home_fd*) owned by the *old* (uid, gid) is
-    given to the *new* one: the files a user made before their sandbox uid changed (a new
-    ``uid_base``, a home restored from a backup). How many entries changed.
+def home_entries(home_fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
+    """Every entry below the home open as *home_fd*, as ``(folder_fd, name, lstat)``.
 
     The user owns the home and may have planted links in it, so nothing is followed: each
-    folder is opened from its parent's descriptor with ``O_NOFOLLOW``, each entry changed
-    with ``fchownat(AT_SYMLINK_NOFOLLOW)`` (a symbolic link itself, never its target), a
-    mount point is not entered, and only what the old uid owns changes (a hard link to a
-    file of root's or of anyone else stays theirs). The group changes only where it was the
-    old group.
-    """
+    folder is opened from its parent's descriptor with ``O_NOFOLLOW`` (one swapped for a
+    link meanwhile is skipped) and a mount point is not entered. *folder_fd* is valid
+    until the next entry."""
     dev = os.fstat(home_fd).st_dev
-    given = 0
     pending = [os.dup(home_fd)]
     try:
         while pending:
@@ -113,26 +125,56 @@ def give_home_to(home_fd: int, old: tuple[int, int], new: tuple[int, int]) -> in
                         continue  # gone meanwhile
                     if st.st_dev != dev:
                         continue
-                    if st.st_uid == old[0]:
-                        given += 1
-                        if given > MAX_REPAIRED_ENTRIES:
-                            raise SandboxError(
-                                f"the home holds more than {MAX_REPAIRED_ENTRIES} entries of "
-                                f"uid {old[0]}: give them to uid {new[0]} by hand "
-                                "(chown -R --no-dereference) before the next start")
-                        os.chown(name, new[0], new[1] if st.st_gid == old[1] else -1,
-                                 dir_fd=fd, follow_symlinks=False)
+                    yield fd, name, st
                     if stat.S_ISDIR(st.st_mode):
                         try:
                             pending.append(os.open(name, _DIR_OPEN, dir_fd=fd))
                         except OSError:
-                            continue  # swapped for a link meanwhile: not followed
+                            continue
             finally:
                 os.close(fd)
     finally:
         for fd in pending:
             os.close(fd)
+
+
+def give_home_to(home_fd: int, old: tuple[int, int], new: tuple[int, int]) -> int:
+    """Everything inside the home (open as *home_fd*) owned by the *old* (uid, gid) is
+    given to the *new* one: the files a user made before their sandbox uid changed (a new
+    ``uid_base``, a home restored from a backup). How many entries changed.
+
+    Nothing is followed (:func:`home_entries`); each entry is changed with
+    ``fchownat(AT_SYMLINK_NOFOLLOW)`` (a symbolic link itself, never its target), and only
+    what the old uid owns (a hard link to a file of root's or of anyone else stays
+    theirs). The group changes only where it was the old group.
+    """
+    given = 0
+    for fd, name, st in home_entries(home_fd):
+        if st.st_uid != old[0]:
+            continue
+        given += 1
+        if given > MAX_REPAIRED_ENTRIES:
+            raise SandboxError(
+                f"the home holds more than {MAX_REPAIRED_ENTRIES} entries of uid {old[0]}: "
+                f"give them to uid {new[0]} by hand (chown -R --no-dereference) before the "
+                "next start")
+        os.chown(name, new[0], new[1] if st.st_gid == old[1] else -1, dir_fd=fd,
+                 follow_symlinks=False)
     return given
+
+
+def home_usage_bytes(home_fd: int) -> int:
+    """The space the home's entries take on disk (allocated blocks, as ``du`` counts),
+    links not followed, other mounts not counted; hard links counted once."""
+    seen: set[int] = set()
+    used = os.fstat(home_fd).st_blocks * 512
+    for _fd, _name, st in home_entries(home_fd):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+        used += st.st_blocks * 512
+    return used
 
 
 def check_reachable(policy: SandboxPolicy, extra_ro_binds: Iterable[tuple[str, str]] = ()) -> None:
