@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from . import bench_ingest, bench_login, bench_screen, bench_spawn, bench_volume
+from . import bench_screen_text
 
 BENCHMARKS = {"ingest": bench_ingest.run, "login": bench_login.run, "screen": bench_screen.run,
               "spawn": bench_spawn.run, "volume": bench_volume.run}
+BENCHMARKS["screen_text"] = bench_screen_text.run  # text rules against a naive regex
 
 
 def main(argv: list[str]) -> int:

@@ -46,8 +46,8 @@ _MIN_NUMERIC_CHARS = 256  # a numeric run shorter than this is not parsed
 _MIN_HEX_PAIRS = 32  # spaced hex pairs ("de ad be ef …") shorter than this are not decoded
 _MIN_REPR_BYTES = 32  # a bytes repr decoding to fewer bytes is ordinary code
 _JOIN_GAP = 12  # base64 pieces separated by at most this much white space and quotes join
-_GAP_CHARS = frozenset(b" \t\r\n'\"(),=")
-_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+_GAP_CHARS = b" \t\r\n'\"(),="
+_HEXDIGITS = b"0123456789abcdefABCDEF"
 _HASH_LENGTHS = (32, 40, 64, 128)  # md5, sha1, sha256, sha512 in hex
 _MAX_LOOKUPS = 8  # image lookups per run (slices of a printed volume are sampled)
 _MAX_DECODED = 64 << 20
@@ -239,6 +239,7 @@ class TextBytes:
             return
         raw = text.encode("utf-8", "surrogatepass")
         self.raw, self.where, self.depth = raw, where, depth
+        self._line_at = (0, 1)  # (position, its line number): lines are counted on from it
         covered: list[tuple[int, int]] = []
         if not numeric_only:
             skip = set()
@@ -257,7 +258,12 @@ class TextBytes:
         self._numeric(covered)
 
     def _loc(self, pos: int, form: str) -> str:
-        return f"{self.where} line {self.raw.count(_NL, 0, pos) + 1} ({form})"
+        at, line = self._line_at
+        if pos < at:
+            at, line = 0, 1
+        line += self.raw.count(_NL, at, pos)
+        self._line_at = (pos, line)
+        return f"{self.where} line {line} ({form})"
 
     # --- base64 and hex strings -------------------------------------------------------
 
@@ -268,8 +274,7 @@ class TextBytes:
             if groups:
                 last = groups[-1][-1][1]
                 gap = raw[last:start]
-                if len(gap) <= _JOIN_GAP and all(c in _GAP_CHARS for c in gap) and \
-                        start not in skip:
+                if len(gap) <= _JOIN_GAP and not gap.strip(_GAP_CHARS) and start not in skip:
                     groups[-1].append((start, end))
                     continue
             groups.append([(start, end)])
@@ -281,7 +286,9 @@ class TextBytes:
             if len(joined) < self.cfg.min_base64_chars:
                 continue
             start, end = group[0][0], group[-1][1]
-            is_hex = all(c in _HEXDIGITS for c in joined)
+            is_hex = not joined.translate(None, _HEXDIGITS)
+            if is_hex and len(pieces) == 1 and len(joined) in _HASH_LENGTHS:
+                continue  # one checksum: too short to be a file, and a hash is no leak
             form = "hex" if is_hex else "base64"
             decodings = _hex_decodings(joined) if is_hex else _b64_decodings(joined)
             if self._decoded(decodings, self._loc(start, form)):
@@ -472,9 +479,9 @@ class TextBytes:
                 text = data.decode("utf-8")
                 self.scan_text(text, where)
                 if self.depth < 2:
-                    saved = self.raw, self.where, self.depth
+                    saved = self.raw, self.where, self.depth, self._line_at
                     self.scan(text, where, depth=self.depth + 1)
-                    self.raw, self.where, self.depth = saved
+                    self.raw, self.where, self.depth, self._line_at = saved
                 return True
         return False
 
