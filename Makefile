@@ -22,9 +22,11 @@ demo: install
 	$(MEDZONE) hub
 
 # The store tests also run against a real PostgreSQL: .ci/postgres starts the local
-# cluster and prints the URL the tests use.
+# cluster and prints the URL the tests use. The slurm executor's tests run against a real
+# one-node Slurm cluster: .ci/slurm starts it (SLURM_CONF) and stops it afterwards.
 test: install
 	@set -euo pipefail; pg_url=$$(bash .ci/postgres); export "$$pg_url"; \
+	slurm_conf=$$(bash .ci/slurm); export "$$slurm_conf"; trap 'bash .ci/slurm stop' EXIT; \
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: install
