@@ -199,8 +199,9 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
 
 _cgroup2_mount = cgroup2_mount  # kept for callers of the earlier private name
 
-#: The cgroup v1 controllers a sandbox uses when cgroup v2 does not offer them.
-V1_CONTROLLERS = ("memory", "pids", "cpu")
+#: The cgroup v1 controllers a sandbox uses when cgroup v2 does not offer them
+#: (``cpuacct`` sets no limit: it counts the sandbox's CPU time, for metering).
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
 
 def cgroup1_parents(mountinfo: str = "/proc/self/mountinfo",
@@ -364,7 +365,7 @@ def _create_cgroup1(parents: Mapping[str, Path], name: str, *,
     created: list[Path] = []
     step = "create"
     try:
-        for controller in ("memory", "pids", "cpu"):
+        for controller in ("memory", "pids", "cpu", "cpuacct"):
             parent = parents.get(controller)
             if parent is None or (controller == "pids" and pids_limit is None):
                 continue
