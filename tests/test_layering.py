@@ -19,8 +19,9 @@ import pytest
 from medzone_hub.devtools import depgraph
 
 #: What the screen may import besides the standard library and its own modules: it is a
-#: pure library (bytes and a screening index in, findings out).
-SCREEN_LIBRARIES = {"numpy", "PIL", "scipy", "threadpoolctl"}
+#: pure library (bytes and a screening index in, findings out). pyspng and zlib_ng are
+#: optional (a faster PNG decoder; without them Pillow decodes every image).
+SCREEN_LIBRARIES = {"numpy", "PIL", "scipy", "threadpoolctl", "pyspng", "zlib_ng"}
 
 
 def _in(layer: str):
@@ -34,7 +35,7 @@ def _is_project(target: str) -> bool:
 #: (name, which importing modules it applies to, what they may not import, why)
 RULES = [
     ("the screen imports only the standard library, numpy, Pillow, scipy, threadpoolctl "
-     "and itself",
+     "(optionally pyspng and zlib-ng) and itself",
      _in("screen"),
      lambda imp: not (depgraph.is_stdlib(imp.target) or imp.top in SCREEN_LIBRARIES
                       or depgraph.layer_of(imp.target) == "screen"),

@@ -5,9 +5,16 @@ re-windowing and colour maps count), for the whole image and for images drawn in
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
+
+try:  # optional: decode PNGs without Pillow's zlib (see _decode_png); Pillow does the rest
+    import pyspng
+    from zlib_ng import zlib_ng
+except ImportError:  # pragma: no cover - the screen works (slower) with Pillow alone
+    pyspng = zlib_ng = None
 from scipy import ndimage
 
 from .model import BLOCK, REVIEW, RULE_DATASET_IMAGE, RULE_MALFORMED, Collector
@@ -29,6 +36,84 @@ FIGURE_LEEWAY = 0.05
 
 
 def _decode(data: bytes) -> np.ndarray:
+    """An image's pixels as the checks see them: grey uint8 (16-bit grey stays uint16).
+    8-bit PNGs take the fast path when it applies; anything it does not take, or fails
+    on, is decoded by Pillow (:func:`_decode_pillow`), so the pixels and the errors are
+    Pillow's either way."""
+    if data[:8] == _PNG_SIGNATURE and pyspng is not None:
+        try:
+            pixels = _decode_png(data)
+        except Exception:  # noqa: BLE001 - Pillow decides (and names the error)
+            pixels = None
+        if pixels is not None:
+            return pixels
+    return _decode_pillow(data)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_STORED_BLOCK = 65535
+
+
+def _decode_png(data: bytes) -> np.ndarray | None:
+    """Pillow's pixels of a non-interlaced 8-bit grey, RGB or RGBA PNG, about 3x faster
+    (or None: not such a PNG). The system's zlib inflates a figure at some 360 MB/s, half
+    of its decoding time: zlib-ng inflates the image data (never more than the image
+    holds), libspng undoes the row filters (SIMD) from the same data stored uncompressed,
+    Pillow turns colour to grey as it does for every image."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))  # the chunks before the pixels, CRCs checked
+    mode = image.mode
+    if (mode not in _PNG_CHANNELS or len(image.tile) != 1 or image.tile[0][3] != mode
+            or image.tile[0][0] != "zip" or data[12:16] != b"IHDR" or data[28] != 0
+            or image.width * image.height > MAX_PIXELS or "transparency" in image.info
+            or getattr(image, "is_animated", False)):
+        return None
+    width, height = image.size
+    expected = height * (1 + width * _PNG_CHANNELS[mode])  # a filter byte per row
+    inflate = zlib_ng.decompressobj()
+    view = memoryview(data)
+    parts, size, pos = [], 0, image.tile[0][2] - 8
+    while size < expected and data[pos + 4:pos + 8] == b"IDAT":  # as Pillow: IDATs in a row
+        (length,) = struct.unpack_from(">I", data, pos)
+        part = inflate.decompress(view[pos + 8:pos + 8 + length], expected - size)
+        parts.append(part)
+        size += len(part)
+        pos += 12 + length
+    if size != expected:
+        return None
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
+    pixels = pyspng.load(_stored_png(data[8:33], raw), mode)
+    if mode == "L":
+        return pixels
+    # Grey (ITU-R 601 luma) exactly as Image.convert("L") computes it.
+    return np.asarray(Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
+                      .convert("L"))
+
+
+def _stored_png(ihdr_chunk: bytes, raw: bytes) -> bytes:
+    """A PNG of ``ihdr_chunk`` whose IDAT holds ``raw`` (filtered rows) uncompressed."""
+    view = memoryview(raw)
+    body = [b"IDAT\x78\x01"]  # zlib header: deflate, 32K window, no dictionary
+    for start in range(0, len(raw), _STORED_BLOCK):
+        block = view[start:start + _STORED_BLOCK]
+        last = start + _STORED_BLOCK >= len(raw)
+        body += [struct.pack("<BHH", last, len(block), len(block) ^ 0xFFFF), block]
+    body.append(struct.pack(">I", zlib_ng.adler32(raw)))
+    crc = 0
+    for part in body:
+        crc = zlib_ng.crc32(part, crc)
+    length = sum(len(part) for part in body) - 4
+    return b"".join([_PNG_SIGNATURE, ihdr_chunk, struct.pack(">I", length), *body,
+                     struct.pack(">I", crc), _IEND])
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    """Any image Pillow reads, to grey (the baseline the fast path must equal)."""
     from PIL import Image
 
     with warnings.catch_warnings():
