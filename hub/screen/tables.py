@@ -275,11 +275,27 @@ def _count_columns(table: Table) -> list[int]:
         if name and _NOT_COUNT_WORDS.search(name) and not table.col_aggs:
             continue
         cells = [r[c].strip() for r in table.rows if c < len(r) and r[c].strip()]
-        values = [_as_int(x) for x in cells if not _SUPPRESSED_RE.match(x)]
+        values = [_cell_count(table, x) for x in cells
+                  if table.col_aggs or not _SUPPRESSED_RE.match(x)]
         if not values or any(v is None or v < 0 for v in values):
             continue
         out.append(c)
     return out
+
+
+def _cell_count(table: Table, cell: str) -> int | None:
+    """A count cell's value. In a ``count`` column of a pivot table an empty cell (``NaN``,
+    which also turns the column's counts into floats, ``3.0``) is a count of zero."""
+    if not table.col_aggs:
+        return _as_int(cell)
+    cell = cell.strip()
+    if cell.lower() in ("nan", ""):
+        return 0
+    v = _as_int(cell)
+    if v is None:
+        f = _number(cell)
+        v = int(f) if f is not None and f == int(f) else None
+    return v
 
 
 def check_table(table: Table, col: Collector, location: str, *, is_csv: bool = False) -> None:
@@ -422,9 +438,9 @@ def _check_counts(table: Table, col: Collector, location: str) -> None:
     first = None
     for c in _count_columns(table):
         for r, row in enumerate(table.rows):
-            if c >= len(row) or _SUPPRESSED_RE.match(row[c].strip()):
+            if c >= len(row) or (not table.col_aggs and _SUPPRESSED_RE.match(row[c].strip())):
                 continue
-            v = _as_int(row[c])
+            v = _cell_count(table, row[c])
             if v is None:
                 continue
             if cfg.profile == "opensafely":
