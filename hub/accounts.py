@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 ROLE_DATA_STEWARD = "data-steward"
 #: May review export requests.
 ROLE_EXPORT_REVIEWER = "export-reviewer"
+#: Supplied datasets: sees their usage and runs (bound by ``medzone dataset provider add``).
+ROLE_DATA_PROVIDER = "data-provider"
 
 #: The minimum password length when the config does not set one.
 DEFAULT_MIN_PASSWORD_LENGTH = 8

@@ -36,6 +36,9 @@ from .registry import list_datasets
 from .runner import cancel_run, get_run, list_runs, run_progress, run_summary, run_template
 from .screen import ScreenConfig, screen_paths
 from .sessions import run_in_sandbox
+from .metering import show as show_measured
+from .usage import (bind_provider, list_providers, parse_since, unbind_provider,
+                    usage_report)
 
 #: How many refusal findings are printed before "… and N more".
 MAX_FINDINGS_SHOWN = 40
@@ -418,6 +421,62 @@ def cmd_audit_verify(args, home: MedZoneHome) -> int:
     return 0 if result.ok else 1
 
 
+# --- usage -----------------------------------------------------------------------------
+
+#: ``medzone usage`` columns: (key, heading, unit, digits).
+_USAGE_COLUMNS = [("wall_s", "wall", "s", 1), ("cpu_s", "cpu", "s", 1),
+                  ("mem_peak_bytes", "mem_peak", "MB", 0), ("gpu_s", "gpu", "s", 1),
+                  ("gpu_mem_peak_bytes", "gpu_mem_peak", "MB", 0),
+                  ("energy_j", "energy", "J", 1)]
+
+
+def _usage_cells(row: dict) -> dict:
+    cells = dict(row)
+    for key, heading, unit, digits in _USAGE_COLUMNS:
+        value = row.get(key)
+        if unit == "MB" and value is not None:
+            value = value / 1e6
+        cells[heading] = show_measured(None if value is None else float(value), unit, digits)
+    return cells
+
+
+def cmd_usage(args, home: MedZoneHome) -> int:
+    since = parse_since(args.since)
+    with open_store(home).session() as session:
+        rows = usage_report(session, by=args.by, since=since)
+    if args.json:
+        _print_json(rows)
+        return 0
+    cells = [_usage_cells(r) for r in rows]
+    measured = [heading for _, heading, _, _ in _USAGE_COLUMNS]
+    if args.by:
+        _print_table(cells, [args.by, "runs", "sessions", *measured])
+    else:
+        for c in cells:
+            c["what"] = c["template"] if c["kind"] == "run" else f"server {c['server'] or '-'}"
+            c["datasets"] = ",".join(c["datasets"]) or "-"
+        _print_table(cells, ["id", "kind", "user", "what", "datasets", "started", *measured])
+    return 0
+
+
+def cmd_dataset_provider(args, home: MedZoneHome) -> int:
+    actor = args.by or default_actor()
+    with open_store(home).session() as session:
+        if args.provider_command == "add":
+            bind_provider(session, args.id, args.user, actor=actor)
+        elif args.provider_command == "remove":
+            unbind_provider(session, args.id, args.user, actor=actor)
+        else:
+            rows = [{"dataset": b.dataset_id, "user": b.user.name, "added_by": b.added_by,
+                     "added": _iso(b.added_at)} for b in list_providers(session, args.id)]
+    if args.provider_command == "list":
+        if args.json:
+            _print_json(rows)
+        else:
+            _print_table(rows, ["dataset", "user", "added_by", "added"])
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------
 
 def _add_hub_config(parser) -> None:
@@ -515,6 +574,23 @@ def build_parser() -> argparse.ArgumentParser:
     ls = dataset.add_parser("list", help="list datasets")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_dataset_list)
+    prov = dataset.add_parser("provider", help="data providers bound to the datasets they "
+                              "supplied (they see those datasets' usage and runs)"
+                              ).add_subparsers(dest="provider_command", required=True,
+                                               metavar="ACTION")
+    for action, helptext in (("add", "bind USER as a provider of dataset ID (gives the "
+                                     "data-provider role)"),
+                             ("remove", "unbind USER from dataset ID")):
+        pa = prov.add_parser(action, help=helptext)
+        pa.add_argument("id", metavar="ID")
+        pa.add_argument("user", metavar="USER")
+        pa.add_argument("--by", help="who binds (an admin or data steward; recorded in the "
+                        "audit log)")
+        pa.set_defaults(func=cmd_dataset_provider)
+    pl = prov.add_parser("list", help="providers, per dataset")
+    pl.add_argument("id", nargs="?", metavar="ID", help="only this dataset's")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_dataset_provider, by=None)
 
     user = sub.add_parser("user", help="hub accounts").add_subparsers(
         dest="user_command", required=True, metavar="ACTION")
@@ -607,6 +683,15 @@ def build_parser() -> argparse.ArgumentParser:
     av = audit.add_parser("verify", help="exit 0 if the hash chain is intact, 1 naming the first bad row")
     av.add_argument("--json", action="store_true")
     av.set_defaults(func=cmd_audit_verify)
+
+    use = sub.add_parser("usage", help="what runs and server sessions used (CPU, memory, GPU, "
+                         "energy), per record or grouped")
+    use.add_argument("--by", choices=("user", "dataset", "template", "month"),
+                     help="group and total by this")
+    use.add_argument("--since", metavar="DATE", help="only usage started on or after DATE "
+                     "(YYYY-MM-DD, UTC)")
+    use.add_argument("--json", action="store_true")
+    use.set_defaults(func=cmd_usage)
     return p
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     MetaData,
     String,
@@ -399,3 +400,66 @@ class Run(Base):
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.template} {self.state}>"
+
+
+# --- metering (medzone_hub.usage) ----------------------------------------------------------
+
+#: What a usage row meters: a template run or an interactive server session.
+USAGE_KINDS = ("run", "session")
+
+#: Which datasets a usage row is attributed to (each mounted in the sandbox).
+usage_datasets = Table(
+    "usage_datasets",
+    Base.metadata,
+    Column("usage_id", ForeignKey("usage.id"), primary_key=True),
+    Column("dataset_id", ForeignKey("datasets.id"), primary_key=True, index=True),
+)
+
+
+class UsageRecord(Base):
+    """What one run or one server session used (:mod:`medzone_hub.metering`).
+
+    ``ref`` names it once (``run:<id>``, ``session:<user>/<server>@<pid>:<start>``): it is
+    recorded once. A quantity not measured (no NVML, no GPU, no CPU accounting) is NULL,
+    never 0. ``sources`` says where each measured quantity came from.
+    """
+
+    __tablename__ = "usage"
+    __table_args__ = (CheckConstraint(_in("kind", USAGE_KINDS), name="kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(255), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    server: Mapped[str | None] = mapped_column(String(255))
+    template: Mapped[str | None] = mapped_column(String(255), index=True)
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime]
+    wall_s: Mapped[float] = mapped_column(Float)
+    cpu_s: Mapped[float | None] = mapped_column(Float)
+    mem_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_s: Mapped[float | None] = mapped_column(Float)
+    gpu_mem_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    energy_j: Mapped[float | None] = mapped_column(Float)
+    sources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
+    datasets: Mapped[list[Dataset]] = relationship(secondary=usage_datasets, lazy="selectin")
+
+    def __repr__(self) -> str:
+        return f"<UsageRecord {self.ref}>"
+
+
+class DatasetProvider(Base):
+    """A data provider's account bound to a dataset it supplied: it sees that dataset's
+    usage and runs (``medzone dataset provider add``)."""
+
+    __tablename__ = "dataset_providers"
+
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    added_by: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User] = relationship(lazy="joined", innerjoin=True)

@@ -84,6 +84,7 @@ from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolatio
 from .models import RUN_STATES, AuditEvent, Run, User, utcnow
 from .sandbox import ensure_home, proc_start_time, release_resources
 from .sessions import policy_for, run_in_sandbox
+from .usage import record_run_usage
 
 log = logging.getLogger(__name__)
 
@@ -807,6 +808,7 @@ def execute_run(home: MedZoneHome, store, run_id: int, *, config=None) -> RunRes
         row.runner_pid = row.runner_start = row.sandbox_pid = row.sandbox_start = None
         audit.append(session, actor=user, action="run.execute", subject=f"template:{stem}",
                      detail=detail)
+        record_run_usage(session, row)  # what its sandbox used (medzone_hub.usage)
     if failure:
         kept = f"; partial notebook kept at {output}" if written else ""
         what = failure if cancelled_by is not None else f"failed: {failure}"
@@ -875,6 +877,7 @@ def _finish(store, run_id: int, state: str, *, error: str | None = None) -> None
             row.state, row.error = state, error
         row.finished_at = utcnow()
         row.runner_pid = row.runner_start = row.sandbox_pid = row.sandbox_start = None
+        record_run_usage(session, row)  # what its sandbox used, if it started one
 
 
 def _check_alive(session, run) -> None:

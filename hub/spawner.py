@@ -49,7 +49,7 @@ from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
 from medzone_kernel import contract
 
-from . import access, audit, sandbox, sessions
+from . import access, audit, sandbox, sessions, usage
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
@@ -520,6 +520,8 @@ class SafeZoneSpawner(Spawner):
     async def _kill(self, timeout: float = 10) -> None:
         box = self._sandbox_process()
         if box is not None:
+            # What the session used, measured before the sandbox goes (recorded once).
+            await asyncio.to_thread(usage.record_server_usage, self)
             await box.stop(timeout)
 
     async def _cleanup(self) -> None:

@@ -29,7 +29,7 @@ from ..db import open_store
 from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
 from ..screen.pool import ScreenPool
-from . import SERVICE_NAME, access_pages, audit_page, export_pages, run_pages
+from . import SERVICE_NAME, access_pages, audit_page, export_pages, run_pages, usage_pages
 from .runs import RunTracker
 
 #: The portal's page templates and style sheet: package data, found in a wheel install too.
@@ -107,6 +107,7 @@ def handlers(prefix: str) -> list:
         *run_pages.ROUTES,
         *export_pages.ROUTES,
         *audit_page.ROUTES,
+        *usage_pages.ROUTES,
     ]
     return [(prefix + pattern, *rest) for pattern, *rest in routes]
 

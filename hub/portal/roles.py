@@ -10,7 +10,7 @@ decide every action: a page opened here only shows what they would allow.
 
 from __future__ import annotations
 
-from ..accounts import ROLE_DATA_STEWARD, ROLE_EXPORT_REVIEWER
+from ..accounts import ROLE_DATA_PROVIDER, ROLE_DATA_STEWARD, ROLE_EXPORT_REVIEWER
 from ..models import User
 
 #: Pages for the people who decide access applications.
@@ -19,6 +19,9 @@ STEWARD = ROLE_DATA_STEWARD
 REVIEWER = ROLE_EXPORT_REVIEWER
 #: The audit log: either role (both decide things that are recorded there).
 AUDIT = "audit"
+#: The usage of the datasets one supplied (the datasets bound by ``medzone dataset provider
+#: add``; :func:`medzone_hub.usage.visible_datasets` decides what the pages show).
+PROVIDER = ROLE_DATA_PROVIDER
 
 
 def holds(user: User | None, role: str) -> bool:
@@ -38,4 +41,5 @@ def holds(user: User | None, role: str) -> bool:
 def page_roles(user: User | None) -> dict[str, bool]:
     """For the navigation: which role-gated pages *user* may open."""
     return {"steward": holds(user, STEWARD), "review": holds(user, REVIEWER),
-            "audit": holds(user, AUDIT)}
+            "audit": holds(user, AUDIT), "usage": holds(user, STEWARD),
+            "provider": holds(user, PROVIDER)}
