@@ -26,6 +26,9 @@ from .policy import SandboxConfig, SandboxError, SandboxPolicy, _under
 #: NVIDIA nodes every CUDA process needs besides its GPU's own ``/dev/nvidiaN``.
 NVIDIA_SUPPORT_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
+#: Set by Slurm in a job given GPUs (``--gres=gpu:N``): their indices, e.g. ``0,2``.
+SLURM_JOB_GPUS = "SLURM_JOB_GPUS"
+
 #: The zone's GPU registry, in the sandbox state folder (``MEDZONE_HOME/sandbox``).
 GPU_REGISTRY_NAME = "gpu-sessions.json"
 
@@ -56,6 +59,10 @@ def detect_gpus(dev: str = "/dev", driver_proc: str = "/proc/driver/nvidia/gpus"
         if match:
             index = int(match.group(1))
             gpus.append(GpuDevice(index, os.path.join(dev, name), uuids.get(index)))
+    job_gpus = os.environ.get(SLURM_JOB_GPUS)
+    if job_gpus is not None:  # in a Slurm job: the GPUs Slurm gave it, and no others
+        given = {int(i) for i in job_gpus.split(",") if i.strip().isdigit()}
+        gpus = [g for g in gpus if g.index in given]
     return sorted(gpus, key=lambda g: g.index)
 
 
@@ -162,16 +169,23 @@ def reserve_gpu(
     gpus = detect_gpus() if gpus is None else list(gpus)
     if not gpus:
         return policy
-    if registry is None:
-        if policy.state_dir is None:
-            raise SandboxError("this policy names no sandbox state folder for the GPU registry")
-        registry = GpuRegistry(policy.state_dir / GPU_REGISTRY_NAME)
-    key = key or f"pid{os.getpid()}:{policy.user}"
-    gpu = registry.acquire(key, user=policy.user, gpus=gpus, per_gpu=policy.gpu_sessions_per_gpu)
+    if registry is None and SLURM_JOB_GPUS in os.environ:
+        # A Slurm job's GPUs are its own (Slurm gave them): the zone's registry, whose
+        # entries name processes on other machines, takes no part.
+        gpu, key, registry_path = gpus[0], None, None
+    else:
+        if registry is None:
+            if policy.state_dir is None:
+                raise SandboxError("this policy names no sandbox state folder for the GPU registry")
+            registry = GpuRegistry(policy.state_dir / GPU_REGISTRY_NAME)
+        key = key or f"pid{os.getpid()}:{policy.user}"
+        gpu = registry.acquire(key, user=policy.user, gpus=gpus,
+                               per_gpu=policy.gpu_sessions_per_gpu)
+        registry_path = registry.path
     support = nvidia_support_nodes() if support_nodes is None else list(support_nodes)
     policy.gpu = gpu
     policy.gpu_key = key
-    policy.gpu_registry = registry.path
+    policy.gpu_registry = registry_path
     policy.gpu_devices = [gpu.path, *support]
     policy.env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_id
     policy.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
