@@ -102,9 +102,9 @@ def _screen(table: pd.DataFrame) -> tuple[str, str]:
             screen_bytes("table.csv", table.to_csv().encode()).verdict)
 
 
-def _expected_difference(spec: dict, checks: dict) -> str | None:
+def _expected_difference(spec: dict, acro: str, screen: str) -> str | None:
     """The documented reason why the screen may not agree with ACRO on this table."""
-    if spec["kind"] == "pivot" and spec["aggfunc"] == "mean":
+    if spec["kind"] == "pivot" and spec["aggfunc"] == "mean" and (acro, screen) == ("fail", "pass"):
         return "hidden counts"  # a table of means alone shows no count to check
     return None
 
@@ -135,7 +135,7 @@ def test_screen_agrees_with_acro(oracle):
         for form, got in (("html", html), ("csv", csv)):
             if got == expected:
                 continue
-            why = _expected_difference(spec, res["checks"])
+            why = _expected_difference(spec, res["status"], got)
             if why:
                 differences[why] += 1
                 continue

@@ -85,3 +85,16 @@ def test_findings_never_raise_on_odd_tables():
                  b"<table><thead><tr><th colspan='999999999'>count</th></tr></thead>"
                  b"<tr><td>1</td></tr></table>"):
         assert screen_bytes("x.html" if data.startswith(b"<") else "x.txt", data).verdict
+
+
+def test_fixed_width_logs_and_reports_are_not_tables():
+    """A training log laid out in columns has no header: nothing to count."""
+    log = "".join(f"fold {f}  epoch {e:3d}  n_val {8 + f:4d}  loss {1 / (e + 1):.4f}\n"
+                  for f in range(3) for e in range(40)).encode()
+    assert screen_bytes("train.log", log).verdict == "pass"
+    import pandas as pd
+
+    report = pd.DataFrame({"n patients": [3, 250], "mean age": [61.2, 60.1]},
+                          index=pd.Index(["site a", "site b"], name="site")).to_string()
+    v = screen_bytes("report.txt", report.encode())
+    assert v.verdict == "review" and v.findings[0].rule == "small-counts"

@@ -152,34 +152,36 @@ def _tokens(line: str) -> list[str]:
 
 
 def _aligned_table(lines: list[str], i: int) -> tuple[Table | None, int]:
-    """A pandas text table whose column names hold spaces (``num at risk``): the values are
-    right-aligned under their names, so each name is the header text above its value."""
+    """A pandas text table the token count cannot read: column names with spaces
+    (``num at risk``), row labels with spaces. pandas indents the header line past the
+    row labels and right-aligns each name with its values, so a column ends where a name
+    and every row's value end."""
     header_line = lines[i]
-    j = i + 1
-    if j < len(lines) and len(lines[j].split()) == 1 and lines[j].startswith(lines[j].strip()):
-        j += 1  # the index name line
-    rows, labels, ends = [], [], None
-    while j < len(lines) and lines[j].strip():
-        spans = [m.span() for m in re.finditer(r"\S+", lines[j])]
-        if len(spans) < 2:
-            break
-        right = tuple(e for _s, e in spans[1:])
-        if ends is None:
-            ends = right
-        elif right != ends:
-            break
-        labels.append([lines[j][spans[0][0]:spans[0][1]]])
-        rows.append([lines[j][a:b] for a, b in spans[1:]])
-        j += 1
-    if len(rows) < 2 or not ends or len(header_line) < ends[-1] - 1:
+    start = len(header_line) - len(header_line.lstrip())
+    if not start or not header_line.strip():
         return None, i + 1
-    if any(header_line[e:e + 1].strip() or not header_line[e - 1:e].strip() for e in ends):
-        return None, i + 1  # names are right-aligned with their values, or this is no table
-    header, start = [], 0
-    for e in ends:
-        header.append(header_line[start:e].strip())
-        start = e
-    if not all(header):
+    names = {m.end() for m in re.finditer(r"\S+", header_line)}
+    j = i + 1
+    if j < len(lines) and lines[j].strip() and not lines[j][start:].strip():
+        j += 1  # the index name line
+    rows, labels, ends = [], [], names
+    first = j
+    while j < len(lines) and lines[j].strip() and lines[j][:start].strip():
+        row_ends = {m.end() for m in re.finditer(r"\S+", lines[j]) if m.end() > start}
+        if not ends & row_ends:
+            break
+        ends = ends & row_ends
+        j += 1
+    if j - first < 2:
+        return None, i + 1
+    cuts = sorted(ends)
+    for line in lines[first:j]:
+        if line[cuts[-1]:].strip():
+            return None, i + 1  # something right of the last column: not this layout
+        labels.append([line[:start].strip()])
+        rows.append([line[a:b].strip() for a, b in zip([start] + cuts, cuts)])
+    header = [header_line[a:b].strip() for a, b in zip([start] + cuts, cuts)]
+    if not all(header) or any(_number(h) is not None for h in header):
         return None, i + 1
     return Table(header, rows, labels), j
 
