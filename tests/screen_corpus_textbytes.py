@@ -233,6 +233,11 @@ def leak_cases(dataset_root: Path, seed: int) -> list[Case]:
         "block", EM, f"a DICOM file's head printed {step} bytes a line")
     add("repr-result.ipynb", _cell_nb([_result({"text/plain": repr(npy)})]), "block", EM,
         "a .npy array's bytes as an execute result")
+    evalue = f"unexpected header {dcm[:400]!r}"
+    add("repr-error.ipynb", _nb([_code("check(raw)", [{
+        "output_type": "error", "ename": "ValueError", "evalue": evalue,
+        "traceback": ["\x1b[0;31mValueError\x1b[0m: " + evalue]}])]), "block", EM,
+        "a DICOM file's head in an exception message (error output)")
     # raw pixel bytes
     add("tobytes-b64.ipynb", _cell_nb([_stream(base64.b64encode(hu.astype(np.int16).tobytes())
                                                .decode() + "\n")]), "block", IM,
@@ -299,7 +304,7 @@ def review_cases(other_cohort_root: Path, seed: int) -> list[Case]:
         "a printed bytes object of encrypted-looking bytes")
     add("other-tolist.ipynb", _cell_nb([_stream(_printed(lambda: print(o.tolist())))]),
         "a printed tolist() of another cohort's CT slice")
-    add("other-savetxt.csv", _savetxt(o, fmt="%d", delimiter=",").encode(),
+    add("other-savetxt.txt", _savetxt(o, fmt="%d").encode(),
         "np.savetxt of another cohort's CT slice")
     return out
 

@@ -108,8 +108,9 @@ class NotebookScreen:
                 self._streams.setdefault(name, []).append(
                     (f"{where} {name}", where.rsplit(" ", 1)[-1], text))
         elif kind == "error":
-            scan_text(_text(out.get("traceback", [])) + "\n" + _text(out.get("evalue", "")),
-                      self.probe, col, f"{where} error")
+            text = _text(out.get("traceback", [])) + "\n" + _text(out.get("evalue", ""))
+            scan_text(text, self.probe, col, f"{where} error")
+            self.text_bytes(text, f"{where} error")
         else:
             self.bundle(out.get("data") or {}, where)
         self.walk(out.get("metadata", {}), f"{where} metadata")
