@@ -59,6 +59,27 @@ def test_a_screen_from_a_thread_checks_images_in_the_pool(indexes, facts):
     assert not any(_alive(pid) for pid in workers)  # shut down with its owner
 
 
+def test_a_worker_killed_fails_its_screen_closed_and_later_screens_get_new_ones(indexes,
+                                                                                facts):
+    import signal
+    import time
+
+    data = _mixed_notebook(facts, 8)
+    serial = screen_bytes("mixed.ipynb", data, indexes=indexes, config=ScreenConfig(workers=1))
+    with ScreenPool(2) as pool:
+        assert screen_bytes("mixed.ipynb", data, indexes=indexes, config=EAGER,
+                            pool=pool).to_dict() == serial.to_dict()
+        killed = pool.worker_pids()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not getattr(pool._executor, "_broken", False) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the executor notices its dead worker
+        again = screen_bytes("mixed.ipynb", data, indexes=indexes, config=EAGER, pool=pool)
+        assert again.to_dict() == serial.to_dict()
+        assert pool.worker_pids() and not set(pool.worker_pids()) & set(killed)
+
+
 def test_a_pool_that_was_shut_down_leaves_screens_in_one_process(indexes, facts):
     data = _mixed_notebook(facts, 8)
     pool = ScreenPool(2)

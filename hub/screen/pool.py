@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from .engine import _check_images
 
@@ -100,9 +101,7 @@ class ScreenPool:
                     return ctx
             if self._executor is None:
                 self._dir = tempfile.mkdtemp(prefix="medzone-screen-pool-")  # 0700
-                self._executor = ProcessPoolExecutor(
-                    self.workers, multiprocessing.get_context(self.start_method),
-                    initializer=_init_worker, initargs=(os.getpid(), self._dir))
+                self._executor = self._new_executor()
             key = uuid.uuid4().hex
             path = os.path.join(self._dir, key)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -125,8 +124,25 @@ class ScreenPool:
                 except OSError:
                     pass
 
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, multiprocessing.get_context(self.start_method),
+                                   initializer=_init_worker, initargs=(os.getpid(), self._dir))
+
     def _submit(self, ctx: _Context, batch: list) -> Future:
-        inner = self._executor.submit(_check, ctx.key, ctx.path, batch)
+        executor = self._executor
+        try:
+            inner = executor.submit(_check, ctx.key, ctx.path, batch)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): the screens it served fail closed;
+            # later ones get fresh processes.
+            with self._lock:
+                if self.closed:
+                    raise
+                if self._executor is executor:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                    self._executor = self._new_executor()
+                executor = self._executor
+            inner = executor.submit(_check, ctx.key, ctx.path, batch)
         outer: Future = Future()
 
         def done(f: Future) -> None:
