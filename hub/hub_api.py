@@ -8,6 +8,10 @@ A sandbox has no network: the only thing its processes can reach is the hub's un
                                           → 201 and the request's status (id, state, files with
                                             their screen verdicts and findings)
     GET  /hub/api/medzone/exports/<id>    → 200 and the request's status
+    GET  /hub/api/medzone/usage?by=…&since=…
+                                          → 200 and the usage the token's owner may see
+                                            (data stewards: all; data providers: their
+                                            datasets'; anyone else 403)
 
 The requester is the owner of the token, never something the body says: a user requests
 only from their own home. The token must also reach that user's own server
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 from typing import Any
 
 from jupyterhub.apihandlers import APIHandler
 from tornado import web
 
-from . import airlock
+from . import airlock, usage
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError
@@ -134,6 +139,27 @@ class ExportHandler(_MedZoneAPIHandler):
         self.write(await self.run(self._status, int(request_id), user))
 
 
+class UsageHandler(_MedZoneAPIHandler):
+    """``GET /hub/api/medzone/usage[?by=…&since=…]``: the usage the token's owner may see
+    (:func:`medzone_hub.usage.usage_report`: a data steward all of it, a data provider its
+    datasets' only; anyone else 403), as a JSON list."""
+
+    async def get(self):
+        user = self.current_user
+        if user is None or getattr(user, "kind", None) != "user":
+            raise web.HTTPError(403, "usage is read with a user's token")
+        by = self.get_query_argument("by", "") or None
+        since = self.get_query_argument("since", "") or None
+        rows = await self.run(self._report, user.name, by, since)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(rows))
+
+    def _report(self, viewer: str, by: str | None, since: str | None) -> list:
+        with self.store.session() as session:
+            return usage.usage_report(session, by=by, since=usage.parse_since(since),
+                                      viewer=viewer)
+
+
 def api_handlers(home: str | MedZoneHome | None = None,
                  export_limits: airlock.ExportLimits | None = None,
                  screen_pool: ScreenPool | None = None) -> list[tuple]:
@@ -151,4 +177,5 @@ def api_handlers(home: str | MedZoneHome | None = None,
     return [
         (r"/api/medzone/exports/?", ExportsHandler, kwargs),
         (r"/api/medzone/exports/(\d{1,18})/?", ExportHandler, kwargs),
+        (r"/api/medzone/usage/?", UsageHandler, kwargs),
     ]

@@ -251,6 +251,17 @@ def test_the_provider_page_shows_their_datasets_only(hub):
     other = pat.get(hub.portal_url + "api/usage", params={"dataset": "prov-b"}, timeout=60)
     assert other.status_code == 403
     assert pat.get(hub.portal_url + "usage", timeout=60).status_code == 403
+    # The hub API answers the same, with the person's token.
+    import requests
+
+    def hub_api(name, **params):
+        return requests.get(f"{hub.url}/hub/api/medzone/usage", params=params, timeout=60,
+                            headers={"Authorization": f"token {hub.user_token(name)}"})
+
+    answer = hub_api("pat", by="dataset")
+    assert answer.status_code == 200 and [r["dataset"] for r in answer.json()] == ["prov-a"]
+    assert hub_api("carol").status_code == 403
+    assert hub_api("pat", by="colour").status_code == 400
 
 
 def test_usage_pages_refuse_everyone_else(hub):
