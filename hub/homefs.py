@@ -331,6 +331,21 @@ class UserHome:
             finally:
                 os.close(fd)
 
+    def symlink(self, rel: str | os.PathLike, target: str) -> bool:
+        """Create the symbolic link *rel* -> *target* (*target* is never looked at).
+        ``False`` when an entry *rel* already exists (it is left as it is). The link stays
+        the creator's: changing its owner would mean naming an entry the user can swap
+        meanwhile (the user may still remove it: the folder is theirs)."""
+        parts = parts_of(rel)
+        if not parts:
+            raise InvalidInput("name a link, not the home itself")
+        with self.dir_fd("/".join(parts[:-1])) as parent:
+            try:
+                os.symlink(target, parts[-1], dir_fd=parent)
+            except FileExistsError:
+                return False
+        return True
+
     def unlink(self, rel: str | os.PathLike) -> bool:
         """Remove the entry *rel* if it is not a folder (a link itself, never its target);
         ``False`` if it was not there."""

@@ -61,7 +61,25 @@ DISABLED_LAB_PLUGINS = (
     "@jupyterlab/notebook-extension:export",
     "@jupyterlab/docmanager-extension:open-browser-tab",
     "@jupyterlab/filebrowser-extension:open-browser-tab",
+    # No "official Jupyter news" prompt or update check: the zone has no network.
+    "@jupyterlab/apputils-extension:announcements",
+    # jupyter-server-proxy (a dependency of jupyter-app-launcher) would serve whatever a
+    # kernel listens on to the browser: a download channel. Its server side is off too.
+    "@jupyterhub/jupyter-server-proxy",
 )
+
+#: Environment the spawner sets for the lab: where Help > MedZone guide and the portal are.
+ENV_GUIDE_URL = "MEDZONE_GUIDE_URL"
+ENV_PORTAL_URL = "MEDZONE_PORTAL_URL"
+#: The portal's service name (medzone_hub.portal.SERVICE_NAME; not imported: this module
+#: runs inside the sandbox and imports nothing of the portal).
+PORTAL_SERVICE = "medzone-portal"
+#: The launcher section MedZone's cards are in.
+LAUNCHER_CATALOG = "MedZone"
+#: Where the tutorials and the guide are in the home (medzone_hub.onboarding).
+TUTORIALS_DIR = "tutorials"
+GUIDE_PATH = "tutorials/GUIDE.md"
+DATASETS_PATH = "datasets"
 
 REFUSAL = "downloads are disabled in MedZone: request an export through the airlock"
 
@@ -90,6 +108,7 @@ default_handlers = [
     (r"/view/(.*)", DownloadRefusedHandler),
     (r"/nbconvert/(.*)", DownloadRefusedHandler),
     (r"/api/nbconvert(.*)", DownloadRefusedHandler),
+    (r"/proxy/(.*)", DownloadRefusedHandler),
 ]
 
 
@@ -154,6 +173,163 @@ class MedZoneContentsManager(AsyncLargeFileManager):
             _internal_copy.reset(token)
 
 
+def portal_url(env=None) -> str:
+    """The portal's URL path as the browser reaches it (through the hub's proxy)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_PORTAL_URL) or (
+        f"{env.get('JUPYTERHUB_BASE_URL', '/').rstrip('/')}/services/{PORTAL_SERVICE}/")
+
+
+def server_prefix(env=None) -> str:
+    env = os.environ if env is None else env
+    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def launcher_cards(env=None) -> list[dict]:
+    """The launcher's MedZone section (jupyter-app-launcher's YAML entries)."""
+    portal, prefix = portal_url(env), server_prefix(env)
+
+    def page(title, description, url):
+        return {"title": title, "description": description, "type": "url",
+                "source": url, "catalog": LAUNCHER_CATALOG,
+                "args": {"createNewWindow": True}}
+
+    return [
+        {"title": "Tutorials", "type": "jupyterlab-commands", "catalog": LAUNCHER_CATALOG,
+         "description": "Your copies of the MedZone tutorials, and the guide",
+         "source": [
+             {"label": "Show the tutorials", "id": "filebrowser:go-to-path",
+              "args": {"path": TUTORIALS_DIR}},
+             {"label": "Open the guide", "id": "docmanager:open",
+              "args": {"path": GUIDE_PATH, "factory": "Markdown Preview"}}]},
+        {"title": "Datasets", "type": "jupyterlab-commands", "catalog": LAUNCHER_CATALOG,
+         "description": "The datasets granted to you (read-only, /data)",
+         "source": [{"label": "Show the datasets", "id": "filebrowser:go-to-path",
+                     "args": {"path": DATASETS_PATH}}]},
+        page("Run a template", "Run one of the zone's template notebooks (queued)",
+             f"{portal}run"),
+        page("Request an export", "Ask to take the file you have open out of the zone",
+             f"{prefix}medzone/request-export"),
+        page("My datasets and grants", "Apply for datasets; see your grants",
+             f"{portal}access"),
+        page("MedZone portal", "Datasets, runs and exports", portal),
+    ]
+
+
+def lab_overrides(env=None) -> dict:
+    """JupyterLab settings overrides: Help > MedZone guide; no news, no update checks."""
+    env = os.environ if env is None else env
+    guide = env.get(ENV_GUIDE_URL) or f"{server_prefix(env)}medzone/guide"
+    return {
+        "@jupyterlab/apputils-extension:notification": {
+            "fetchNews": "false", "checkForUpdates": False},
+        "@jupyterlab/mainmenu-extension:plugin": {"menus": [{
+            "id": "jp-mainmenu-help",
+            "items": [
+                {"type": "separator", "rank": 0.5},
+                {"command": "help:open", "rank": 0.6,
+                 "args": {"url": guide, "text": "MedZone guide", "newBrowserTab": True}},
+                {"command": "help:open", "rank": 0.7,
+                 "args": {"url": portal_url(env), "text": "MedZone portal",
+                          "newBrowserTab": True}},
+            ]}]},
+    }
+
+
+def write_lab_files(data_dir: str, env=None) -> str:
+    """Write the launcher cards (under *data_dir*, which is on ``JUPYTER_PATH``, where
+    jupyter-app-launcher looks) and the settings overrides; the settings folder."""
+    import json
+
+    launcher = os.path.join(data_dir, "jupyter_app_launcher")
+    os.makedirs(launcher, exist_ok=True)
+    # JSON is YAML: the launcher parses it as its YAML.
+    with open(os.path.join(launcher, "jp_app_launcher_medzone.yaml"), "w") as f:
+        json.dump(launcher_cards(env), f, indent=1)
+    settings = os.path.join(data_dir, "lab-settings")
+    os.makedirs(settings, exist_ok=True)
+    with open(os.path.join(settings, "overrides.json"), "w") as f:
+        json.dump(lab_overrides(env), f, indent=1)
+    return settings
+
+
+def current_document(workspace: dict, exists) -> str | None:
+    """The path of the document open and current in a saved JupyterLab *workspace*
+    (``layout-restorer:data`` -> ``main.current``, e.g. ``notebook:tutorials/x.ipynb``),
+    if *exists(path)* says it is a file."""
+    data = workspace.get("data") if isinstance(workspace, dict) else None
+    layout = data.get("layout-restorer:data") if isinstance(data, dict) else None
+    main = layout.get("main") if isinstance(layout, dict) else None
+    current = main.get("current") if isinstance(main, dict) else None
+    if not isinstance(current, str) or ":" not in current:
+        return None
+    path = current.split(":", 1)[1].strip("/")
+    return path if path and exists(path) else None
+
+
+class RequestExportHandler(JupyterHandler):
+    """``/medzone/request-export``: to the portal's export form with the document open in
+    the lab (read from the lab's saved workspace) already selected."""
+
+    @web.authenticated
+    def get(self):
+        from urllib.parse import urlencode
+
+        from jupyterlab.commands import get_workspaces_dir
+        from jupyterlab_server.workspaces_handler import WorkspacesManager
+
+        name = self.get_argument("workspace", "default")
+        target = f"{portal_url()}exports"
+        try:
+            workspace = WorkspacesManager(get_workspaces_dir()).load(name)
+        except Exception:  # noqa: BLE001 - no saved workspace: the plain form
+            workspace = {}
+        path = current_document(workspace, self._is_file)
+        if path:
+            target += "?" + urlencode({"path": path})
+        self.redirect(target)
+
+
+    def _is_file(self, path: str) -> bool:
+        try:
+            return os.path.isfile(self.contents_manager._get_os_path(path))
+        except web.HTTPError:  # outside the home
+            return False
+
+
+class GuideHandler(JupyterHandler):
+    """``/medzone/guide``: the guide in the student's home (``tutorials/GUIDE.md``) as a
+    page, for Help > MedZone guide."""
+
+    @web.authenticated
+    def get(self):
+        from html import escape
+
+        path = os.path.join(self.contents_manager.root_dir, GUIDE_PATH)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(256 * 1024)
+        except OSError:
+            text = ("# MedZone\n\nThe guide is not in your home (tutorials/GUIDE.md): it "
+                    "comes back at your server's next start if the tutorials folder is gone.")
+        try:
+            import mistune
+            body = mistune.html(escape(text, quote=False))
+        except Exception:  # noqa: BLE001 - plain text then
+            body = f"<pre>{escape(text)}</pre>"
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish("<!doctype html><meta charset='utf-8'><title>MedZone guide</title>"
+                    "<body style='font-family:sans-serif;max-width:50em;margin:2em auto'>"
+                    f"{body}</body>")
+
+
+default_handlers += [
+    (r"/medzone/request-export", RequestExportHandler),
+    (r"/medzone/guide", GuideHandler),
+]
+
+
 def page_config_hook(handler, page_config: dict) -> dict:
     """Switch off JupyterLab's download/export commands."""
     disabled = page_config.get("disabledExtensions")
@@ -181,6 +357,15 @@ def server_config(socket_path: str, *, terminals: bool = False,
     c.MappingKernelManager.cull_idle_timeout = 3600
     c.MappingKernelManager.cull_interval = 300
     c.ContentsManager.allow_hidden = False
+    # The lab a student meets (docs/lab.md): MedZone's launcher section, Help > MedZone
+    # guide, live memory/CPU; no news feed and no update checks (no network here).
+    c.LabApp.app_settings_dir = write_lab_files(str(jupyter_data_dir))
+    c.LabApp.news_url = None
+    c.LabApp.check_for_updates_class = "jupyterlab.handlers.announcements.NeverCheckForUpdate"
+    c.ServerApp.jpserver_extensions = {"jupyter_server_proxy": False,
+                                       "jupyter_app_launcher": True,
+                                       "jupyter_resource_usage": True}
+    c.ResourceUseDisplay.track_cpu_percent = True
     return c
 
 

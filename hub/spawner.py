@@ -49,10 +49,11 @@ from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
 
 from medzone_kernel import contract
 
-from . import access, audit, sandbox, sessions, usage
+from . import access, audit, onboarding, sandbox, sessions, usage
 from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .errors import MedZoneError, NotFound, RuleViolation
+from .homefs import UserHome
 from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
 
 #: The path the server's socket has inside the sandbox: a name only (the server is handed
@@ -237,6 +238,22 @@ class SafeZoneSpawner(Spawner):
              "message saying how much the home uses, until files are deleted. Checked at "
              "each start by walking the home. None: no limit.",
     )
+    onboard_tutorials = Bool(
+        True, config=True,
+        help="Copy the tutorials and the lab guide into tutorials/ in the home at the first "
+             "spawn (never overwriting the student's copies; a newer release is offered in "
+             "tutorials/updates/<release>/). See medzone_hub.onboarding.",
+    )
+    datasets_link = Bool(
+        True, config=True,
+        help="Give the home a 'datasets' link to /data (the granted datasets, read-only) "
+             "so the lab's file browser reaches them, when no entry of that name exists.",
+    )
+    lab_guide_url = Unicode(
+        "", config=True,
+        help="What the lab's Help > MedZone guide opens: a URL (e.g. the zone's own "
+             "documentation). Empty: the guide in the student's tutorials/GUIDE.md.",
+    )
     dataset_gid_base = Integer(
         sandbox.DATASET_GID_BASE, config=True,
         help="Dataset folders' host groups lie from here on (given once per dataset at "
@@ -383,6 +400,7 @@ class SafeZoneSpawner(Spawner):
         sandbox.reserve_gpu(policy, key)
         try:
             sandbox.ensure_home(home, policy)
+            self._onboard(policy)
             # The socket is bound here, by the hub, in its own folder: nothing in the home.
             host_sock = server_socket_path(home, self.user.name, self.name or "")
             listener = bind_server_socket(host_sock)
@@ -390,6 +408,20 @@ class SafeZoneSpawner(Spawner):
             sandbox.release_resources(policy)
             raise
         return home, policy, host_sock, listener
+
+    def _onboard(self, policy) -> None:
+        """Tutorials and the datasets link in the home (medzone_hub.onboarding); a failure
+        is logged, never fatal: the lab works without them."""
+        if not (self.onboard_tutorials or self.datasets_link):
+            return
+        try:
+            done = onboarding.onboard(UserHome.for_policy(policy),
+                                      tutorials=self.onboard_tutorials,
+                                      datasets_link=self.datasets_link)
+        except (MedZoneError, OSError) as err:
+            self.log.warning("%s: onboarding skipped: %s", self._log_name, err)
+        else:
+            self.log.info("%s: onboarding %s", self._log_name, done)
 
     @staticmethod
     def _secret_fd(env: dict) -> int:
@@ -428,6 +460,7 @@ class SafeZoneSpawner(Spawner):
             "MEDZONE_SERVER_SOCKET": inside_sock,
             "MEDZONE_SERVER_FD": str(listener.fileno()),
             "MEDZONE_TERMINALS": "1" if self.terminals else "0",
+            "MEDZONE_GUIDE_URL": self.lab_guide_url,
         })
         for name in ("HOME", "USER", "LOGNAME", "PATH", "SHELL", "LANG"):
             env.pop(name, None)  # the policy sets these
