@@ -506,8 +506,8 @@ def measure_tree(child_pid: int | None, child_start: int | None,
                   wall_s=max(0.0, (ended - started).total_seconds()),
                   datasets=tuple(sorted(datasets)),
                   sources={"wall_s": "pid 1 start time to now"})
-    alive = (child_pid is not None and _stat_fields(child_pid) is not None
-             and (child_start is None or int(_stat_fields(child_pid)[19]) == child_start))
+    fields = _stat_fields(child_pid) if child_pid is not None else None
+    alive = fields is not None and (child_start is None or int(fields[19]) == child_start)
     pids = tree_pids(child_pid) if alive else []
     usage.cpu_s, source = cgroup_cpu_seconds(folders)
     if usage.cpu_s is None and pids:
