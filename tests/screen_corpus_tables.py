@@ -160,6 +160,26 @@ def build_table_cases(dataset_root: Path, other_cohort_root: Path, work: Path, *
     add("logit.ipynb", _nb([_code("print(logit.summary())", [_stream(
         str(logit_few.summary()))])]), "review", DOF,
         f"a Logit on a 12-patient subgroup ({int(logit_few.df_resid)} residual DoF)")
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probit = sm.Probit((few.smoking != "never").astype(int),
+                           sm.add_constant(few[["age", "bmi"]].astype(float))).fit(
+            disp=0, method="bfgs", maxiter=200)
+        glm = smf.glm("pack_years ~ age + C(sex)", data=small,
+                      family=sm.families.Poisson()).fit()
+    add("probit.txt", str(probit.summary()).encode(), "review", DOF,
+        "a Probit summary of a 12-patient subgroup saved as text")
+    add("glm.ipynb", _nb([_code("glm.summary()", [_result({
+        "text/html": glm.summary().as_html(), "text/plain": str(glm.summary())})])]),
+        "review", DOF, "a Poisson GLM (formula API) on the dataset")
+    formula_big = smf.ols("weight_kg ~ height_cm + C(sex) + age", data=big).fit()
+    add("formula-ok.ipynb", _nb([_code("smf.ols(...).fit().summary()", [_result({
+        "text/html": formula_big.summary().as_html(),
+        "text/plain": str(formula_big.summary())})])]), "pass", None,
+        "a formula-API OLS on the whole cohort")
     ols_big, logit_big = _ols(big), _logit(big)
     add("ols-ok.ipynb", _nb([_code("model.summary()", [_result({
         "text/html": ols_big.summary().as_html(), "text/plain": str(ols_big.summary())})]),
@@ -219,6 +239,15 @@ def build_table_cases(dataset_root: Path, other_cohort_root: Path, work: Path, *
     add("cut-ok.ipynb", _nb([_code("pd.cut(df.age, edges).value_counts()", [_result({
         "text/plain": repr(vc_ok)})])]), "pass" if vc_ok.min() >= 10 else "review",
         None if vc_ok.min() >= 10 else HI, "age groups of the whole cohort")
+
+    vb = big.pack_years.value_counts(bins=30).sort_index()
+    bad = int(((vb > 0) & (vb < 10)).sum() + (vb == 0).sum())
+    add("vc-bins.ipynb", _nb([_code("df.pack_years.value_counts(bins=30)", [_result({
+        "text/plain": repr(vb)})])]), "review" if bad else "pass", HI if bad else None,
+        "value_counts(bins=30) of pack-years")
+    dens = np.histogram(big.bmi.to_numpy(), bins=12, density=True)
+    add("density-ok.ipynb", _nb([_code("np.histogram(df.bmi, 12, density=True)", [_result({
+        "text/plain": repr(dens)})])]), "pass", None, "a density histogram (no counts)")
 
     # --- magnitude: sums and means with their contributions ------------------------------
     SC = "small-counts"

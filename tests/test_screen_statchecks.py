@@ -98,3 +98,23 @@ def test_fixed_width_logs_and_reports_are_not_tables():
                           index=pd.Index(["site a", "site b"], name="site")).to_string()
     v = screen_bytes("report.txt", report.encode())
     assert v.verdict == "review" and v.findings[0].rule == "small-counts"
+
+
+def test_value_counts_series_are_read():
+    """``value_counts()`` prints a Series: its index name (if any) above, ``Name: count``
+    below; with ``bins=`` the labels are intervals and it is a histogram."""
+    import numpy as np
+    import pandas as pd
+
+    ages = pd.Series(np.arange(200) % 50 + 40, name="age")
+    named = repr(pd.cut(ages, [0, 50, 60, 70, 120]).value_counts().sort_index())
+    unnamed = repr(ages.value_counts(bins=4).sort_index())
+    for text in (named, unnamed):
+        assert screen_bytes("v.txt", text.encode()).verdict == "pass"
+        v = screen_bytes("v.txt", text.encode(), config=ScreenConfig(threshold=100))
+        assert v.verdict == "review" and v.findings[0].rule == "histogram-bins", text
+    frame = pd.DataFrame({"age": [61, 70] * 20, "sex": ["F", "M"] * 20})
+    assert screen_bytes("v.txt", repr(frame.isna().sum()).encode()).verdict == "pass"
+    groups = repr(pd.Series(["F"] * 40 + ["M"] * 3, name="sex").value_counts())
+    v = screen_bytes("v.txt", groups.encode())
+    assert v.verdict == "review" and v.findings[0].rule == "small-counts"

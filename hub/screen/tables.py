@@ -190,6 +190,7 @@ def text_tables(text: str) -> list[Table]:
     """pandas-style text tables: a header line, then lines of a label and the values."""
     out = []
     lines = text.splitlines()
+    footer_rows: int | None | bool = False
     i = 0
     while i < len(lines):
         header = _tokens(lines[i])
@@ -212,11 +213,10 @@ def text_tables(text: str) -> list[Table]:
             else:
                 break
         if len(rows) >= 2:
-            declared = None
-            m = _ROWS_FOOTER_RE.search(text)
-            if m:
-                declared = int(m.group(1).replace(",", ""))
-            table = Table(header, rows, labels, declared)
+            if footer_rows is False:  # the text's first "[N rows x M columns]", found once
+                m = _ROWS_FOOTER_RE.search(text) if " rows x " in text else None
+                footer_rows = int(m.group(1).replace(",", "")) if m else None
+            table = Table(header, rows, labels, footer_rows)
             footer = _SERIES_FOOTER_RE.match(lines[j].strip()) if j < len(lines) else None
             if footer and len(header) == 1:
                 # a Series: the header line is the index name; the values' name is below
@@ -230,7 +230,31 @@ def text_tables(text: str) -> list[Table]:
                 _set_aggs(aligned, [aligned.header])
                 out.append(aligned)
             i = after
+    if "dtype:" in text:
+        out += _unnamed_series(lines)
     return out + stat_outputs(text)
+
+
+def _unnamed_series(lines: list[str]) -> list[Table]:
+    """A Series whose index has no name (``value_counts(bins=…)``): no header line, only
+    lines of a label and a value above its ``Name: …, dtype: …`` footer."""
+    out = []
+    for f, line in enumerate(lines):
+        footer = _SERIES_FOOTER_RE.match(line.strip()) if "dtype:" in line else None
+        if not footer:
+            continue
+        k = f - 1
+        while k >= 0 and len(_tokens(lines[k])) == 2:
+            k -= 1
+        if f - k - 1 >= 2 and (k < 0 or len(_tokens(lines[k])) != 1):
+            rows = [_tokens(x) for x in lines[k + 1:f]]
+            if (_AGG_NAMES.get((footer.group(1) or "").lower()) != "count" and not all(
+                    statchecks.is_interval(r[0]) for r in rows)):
+                continue  # ``df.isna().sum()``, ``df.loc[3]``: values, not counts of people
+            table = Table([footer.group(1) or ""], [r[1:] for r in rows], [r[:1] for r in rows])
+            _set_aggs(table, [table.header])
+            out.append(table)
+    return out
 
 
 def csv_table(text: str) -> Table | None:
