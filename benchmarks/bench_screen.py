@@ -17,6 +17,14 @@ fingerprints). In the same process run, as medians of ``MEDZONE_BENCH_REPEATS`` 
 * ``naive``: one pass of one regular expression (RRN, phone and e-mail patterns combined)
   over the notebook's text, the way a grep-based screen would look — no JSON parsing, no
   images, no tables, no index.
+* ``figure_cpu_ms``: CPU per distinct figure of the image check (median, p90) on a sample of
+  the notebook's figures, decoded by Pillow alone (the screen before) and by the fast PNG
+  path, each with and without the search for images drawn in the figure, interleaved
+  figure by figure (:func:`figure_cpu`);
+* ``dedup``: a notebook of re-run cells (each of 40 figures shown 5 times) screened with
+  and without the image cache: decodes counted, CPU seconds, same findings;
+* ``text_rules``: the text rules alone (``scan_text``, one call per cell source and text
+  output) against one naive regex pass over the same text, both MB/s.
 
 ``image_ceiling_mb_s`` is what the screen could reach if nothing but the image checks took
 time, spread over every CPU: the notebook's MB over (image seconds / CPUs).
@@ -40,6 +48,9 @@ import numpy as np
 N_BASE_FIGURES = 100
 TARGET_MB = float(os.environ.get("MEDZONE_BENCH_SCREEN_MB", "50"))
 REPEATS = int(os.environ.get("MEDZONE_BENCH_REPEATS", "3"))
+#: Figures timed one by one (every kind alike), and distinct figures of the re-run notebook.
+FIGURE_SAMPLE = int(os.environ.get("MEDZONE_BENCH_FIGURES", "210"))
+DEDUP_DISTINCT = 40
 NAIVE_RE = re.compile(r"\b(?:\d{6}-?[1-8]\d{6}|01[016789]-?\d{3,4}-?\d{4}|[\w.+-]{1,64}@[\w-]+\.[\w.]+)")
 
 
@@ -254,7 +265,7 @@ def _split(screen) -> dict:
     return {k: round(v, 3) for k, v in spent.items()}
 
 
-def _decode_ms(figures: list[str], sample: int = 200) -> float:
+def _decode_ms(figures: list[str], sample: int = 200, decode=None) -> float:
     """Median CPU milliseconds to decode one figure to grey pixels (the screen's first step)."""
     from medzone_hub.screen.images import _decode
 
@@ -262,10 +273,157 @@ def _decode_ms(figures: list[str], sample: int = 200) -> float:
     for fig in figures[:: max(1, len(figures) // sample)]:
         data = base64.b64decode(fig)
         t = time.process_time()
-        _decode(data)
+        (decode or _decode)(data)
         times.append(time.process_time() - t)
     return statistics.median(times) * 1e3
 
+
+def _ms(times: list[float]) -> dict:
+    """Median and 90th percentile, in milliseconds."""
+    ordered = sorted(times)
+    return {"median": round(statistics.median(ordered) * 1e3, 2),
+            "p90": round(ordered[int(0.9 * (len(ordered) - 1))] * 1e3, 2)}
+
+
+def figure_cpu(pngs: list[bytes], indexes, repeats: int = 2) -> dict:
+    """CPU milliseconds per distinct figure of the whole image check (decode, fingerprint
+    lookups, the search for images drawn in the figure), median and p90: decoded by Pillow
+    alone (the screen before, ``images._decode_pillow``) and by the fast PNG path, each with
+    and without the figure region search; and the decoding alone. Interleaved figure by
+    figure in this process (the best of ``repeats`` each), so that other work on the
+    machine weighs on every variant alike."""
+    from threadpoolctl import threadpool_limits
+
+    from medzone_hub.screen import ScreenConfig, images
+    from medzone_hub.screen.model import Collector
+
+    config = ScreenConfig()
+    # the region search: check_figure (regions.py) where it exists, else the axes boxes
+    regions = "check_figure" if hasattr(images, "check_figure") else "_plot_areas"
+    original = {"_decode": images._decode, regions: getattr(images, regions)}
+    none = (lambda *args, **kwargs: None) if regions == "check_figure" else (lambda arr: [])
+    variants = {"pillow": {"_decode": images._decode_pillow}, "fast": {},
+                "pillow_no_regions": {"_decode": images._decode_pillow, regions: none},
+                "fast_no_regions": {regions: none}}
+    times: dict[str, list[float]] = {k: [] for k in [*variants, "decode_pillow", "decode_fast"]}
+
+    def best(fn) -> float:
+        spent = []
+        for _ in range(repeats):
+            t = time.process_time()
+            fn()
+            spent.append(time.process_time() - t)
+        return min(spent)
+
+    with threadpool_limits(1, user_api="blas"):
+        for png in pngs:
+            for key, patch in variants.items():
+                for name, fn in original.items():
+                    setattr(images, name, patch.get(name, fn))
+                try:
+                    times[key].append(best(lambda: images.check_image(
+                        png, Collector(config, indexes), "bench")))
+                finally:
+                    for name, fn in original.items():
+                        setattr(images, name, fn)
+            times["decode_pillow"].append(best(lambda: images._decode_pillow(png)))
+            times["decode_fast"].append(best(lambda: images._decode(png)))
+    out = {key: _ms(values) for key, values in times.items()}
+    out["figures"] = len(pngs)
+    out["region_search"] = regions
+    out["speedup_median"] = round(out["pillow"]["median"] / out["fast"]["median"], 2)
+    out["decode_speedup_median"] = round(out["decode_pillow"]["median"]
+                                         / out["decode_fast"]["median"], 2)
+    return out
+
+
+def dedup_effect(pngs: list[bytes], indexes, copies: int = 5) -> dict:
+    """A notebook whose every figure is shown ``copies`` times (re-run cells), screened in
+    one process with and without the image cache: images decoded, CPU seconds, and whether
+    the findings are the same."""
+    from medzone_hub.screen import ScreenConfig, images, screen_bytes
+
+    cells = [{"cell_type": "code", "execution_count": n, "id": f"r{n}", "metadata": {},
+              "source": f"plot(run={n})", "outputs": [
+                  {"output_type": "display_data", "metadata": {},
+                   "data": {"image/png": base64.b64encode(png).decode(),
+                            "text/plain": "<Figure>"}}]}
+             for n, png in enumerate(pngs * copies)]
+    data = json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+                       "cells": cells}).encode()
+    decode, count = images._decode, [0]
+
+    def counted(png):
+        count[0] += 1
+        return decode(png)
+
+    out = {"images": len(cells), "distinct": len(set(pngs)), "notebook_mb": round(len(data) / 1e6, 1)}
+    verdicts = {}
+    images._decode = counted
+    try:
+        for key, dedupe in (("checked_each", False), ("cached", True)):
+            count[0] = 0
+            config = ScreenConfig(workers=1, dedupe_images=dedupe, max_file_bytes=1 << 30)
+            t = time.process_time()
+            verdicts[key] = screen_bytes("rerun.ipynb", data, indexes=indexes, config=config)
+            out[key] = {"decodes": count[0], "cpu_s": round(time.process_time() - t, 2)}
+    finally:
+        images._decode = decode
+    out["same_findings"] = verdicts["cached"].to_dict() == verdicts["checked_each"].to_dict()
+    out["cpu_ratio"] = round(out["checked_each"]["cpu_s"] / max(out["cached"]["cpu_s"], 1e-9), 2)
+    return out
+
+
+def text_rules(nb: dict, indexes) -> dict:
+    """The text rules alone (dataset identifiers and direct identifiers: every call of
+    ``scan_text`` the screen makes on the notebook, its figures left out) in MB/s of the
+    text they read, against one naive regular-expression pass over that same text; CPU
+    medians of ``REPEATS`` in this process."""
+    from medzone_hub.screen import ScreenConfig, engine, notebook, screen_bytes
+
+    textual = {**nb, "cells": [{**cell, "outputs": [
+        {**out, "data": {k: v for k, v in out["data"].items() if not k.startswith("image/")}}
+        if "data" in out else out for out in cell.get("outputs", [])]} for cell in nb["cells"]]}
+    data = json.dumps(textual).encode()
+    pieces: list[str] = []
+    spent = [0.0]
+    original = {module: module.scan_text for module in (engine, notebook)}
+
+    def timed(fn):
+        def call(text, *args, **kwargs):
+            if record:
+                pieces.append(text)
+            t = time.process_time()
+            try:
+                return fn(text, *args, **kwargs)
+            finally:
+                spent[0] += time.process_time() - t
+        return call
+
+    rules, record = [], True
+    for module, fn in original.items():
+        module.scan_text = timed(fn)
+    try:
+        for _ in range(REPEATS):
+            spent[0] = 0.0
+            screen_bytes("text.ipynb", data, indexes=indexes,
+                         config=ScreenConfig(workers=1, max_file_bytes=1 << 30))
+            rules.append(spent[0])
+            record = False
+    finally:
+        for module, fn in original.items():
+            module.scan_text = fn
+    text = "\n".join(pieces)
+    naive = []
+    for _ in range(REPEATS):
+        t = time.process_time()
+        sum(1 for _ in NAIVE_RE.finditer(text))
+        naive.append(time.process_time() - t)
+    mb = len(text.encode()) / 1e6
+    rules_s, naive_s = statistics.median(rules), statistics.median(naive)
+    return {"text_mb": round(mb, 2), "calls": len(pieces),
+            "text_rules_mb_s": round(mb / rules_s, 1), "naive_regex_mb_s": round(mb / naive_s, 1),
+            "text_rules_to_naive": round(naive_s / rules_s, 2)}
 
 def run() -> dict:
     from medzone_hub.config import MedZoneHome
@@ -304,6 +462,13 @@ def run() -> dict:
         lambda: sum(1 for _ in NAIVE_RE.finditer(data.decode("utf-8"))))
     split = _split(lambda: screen_bytes("bench.ipynb", data, indexes=indexes, config=serial))
     decode_ms = _decode_ms(figures)
+    from medzone_hub.screen.images import _decode_pillow
+
+    decode_pillow_ms = _decode_ms(figures, decode=_decode_pillow)
+    sample = [base64.b64decode(f) for f in figures[:: max(1, len(figures) // FIGURE_SAMPLE)]]
+    per_figure = figure_cpu(sample, indexes)
+    dedup = dedup_effect(sample[:DEDUP_DISTINCT], indexes)
+    text = text_rules(nb, indexes)
     workers = config.workers or os.cpu_count() or 1
     image_ms = split["images"] / n_figures * 1e3
     # However well the rest goes, every figure is decoded and fingerprinted once.
@@ -329,6 +494,8 @@ def run() -> dict:
         "split_serial_cpu_s": split,
         "image_cpu_ms_per_figure": round(image_ms, 2),
         "decode_cpu_ms_per_figure": round(decode_ms, 2),
+        "decode_cpu_ms_per_figure_pillow": round(decode_pillow_ms, 2),
+        "figure_cpu_ms": per_figure, "dedup": dedup, "text_rules": text,
         "image_floor_s": round(floor_s, 2), "image_ceiling_mb_s": round(mb / floor_s, 1),
         "goal_mb_s": 100, "goal_met": mb / screen_s >= 100, "repeats": REPEATS,
         "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # at start, at end
