@@ -131,6 +131,37 @@ c.JupyterHub.services = [
         "display": True,
     },
 ]
+# --- the run queue's worker ----------------------------------------------------------------
+# A hub-managed service without a URL: `medzone worker` starts queued template runs as the
+# RunQueue settings allow (c.RunQueue.slots, per_user_limit, executor; see docs/runs.md).
+# Set c.RunQueue.start_worker = False before this file is loaded to run none (then
+# `medzone run` and the portal execute their own runs in turn).
+if c.RunQueue.get("start_worker", True) is not False:
+    c.JupyterHub.services = [
+        *c.JupyterHub.services,
+        {
+            "name": "medzone-worker",
+            "command": [sys.executable, "-m", "medzone_hub.cli", "worker",
+                        "--hub-config", os.environ.get(ENV_HUB_CONFIG, str(DEFAULT_CONFIG))],
+            "environment": portal_env,
+        },
+    ]
+# --- idle culling ---------------------------------------------------------------------------
+# jupyterhub-idle-culler as a hub-managed service with only the scopes it needs: a server
+# idle for c.IdleCuller.timeout seconds (3600) is stopped, which frees its GPU and cgroup
+# at once; the home stays (medzone_hub.culling, docs/lab.md). Template runs are not
+# servers and are never culled. c.IdleCuller.enabled = False before this file is loaded
+# starts no culler.
+from medzone_hub import culling  # noqa: E402
+
+if c.IdleCuller.get("enabled", True) is not False:
+    c.JupyterHub.services = [
+        *c.JupyterHub.services,
+        culling.service(sys.executable, os.environ.get(ENV_HUB_CONFIG, str(DEFAULT_CONFIG)),
+                        culling.hub_api_url(ip, port), portal_env),
+    ]
+    c.JupyterHub.load_roles = [
+        *(c.JupyterHub.load_roles if "load_roles" in c.JupyterHub else []), culling.role()]
 # Every user may log in to the portal; the pages themselves check store roles.
 c.JupyterHub.extra_user_scopes = {
     *(c.JupyterHub.extra_user_scopes if "extra_user_scopes" in c.JupyterHub else ()),

@@ -238,6 +238,12 @@ class SafeZoneSpawner(Spawner):
              "message saying how much the home uses, until files are deleted. Checked at "
              "each start by walking the home. None: no limit.",
     )
+    gpu_device_dir = Unicode(
+        "/dev", config=True,
+        help="Where the GPU device nodes (nvidiaN, nvidiactl, nvidia-uvm, nvidia-caps/) "
+             "are looked for. Nodes found outside /dev appear in the sandbox as "
+             "/dev/<name> (a folder of stand-in nodes, for tests on machines without GPUs).",
+    )
     onboard_tutorials = Bool(
         True, config=True,
         help="Copy the tutorials and the lab guide into tutorials/ in the home at the first "
@@ -397,7 +403,7 @@ class SafeZoneSpawner(Spawner):
         key = f"hub:{self.user.name}:{self.name or ''}"
         with open_store(home).session() as session:
             policy = sessions.policy_for(home, session, self.user.name, config)
-        sandbox.reserve_gpu(policy, key)
+        sandbox.reserve_gpu(policy, key, **self._gpu_nodes())
         try:
             sandbox.ensure_home(home, policy)
             self._onboard(policy)
@@ -408,6 +414,16 @@ class SafeZoneSpawner(Spawner):
             sandbox.release_resources(policy)
             raise
         return home, policy, host_sock, listener
+
+    def _gpu_nodes(self) -> dict:
+        """The GPUs and NVIDIA support nodes of :attr:`gpu_device_dir` (the defaults of
+        :func:`~medzone_hub.sandbox.reserve_gpu` for /dev)."""
+        if self.gpu_device_dir in ("", "/dev"):
+            return {}
+        from .sandbox.resources import nvidia_support_nodes
+
+        return {"gpus": sandbox.detect_gpus(self.gpu_device_dir),
+                "support_nodes": nvidia_support_nodes(self.gpu_device_dir)}
 
     def _onboard(self, policy) -> None:
         """Tutorials and the datasets link in the home (medzone_hub.onboarding); a failure

@@ -109,7 +109,9 @@ def bwrap_argv(
     for source, dest in [*policy.ro_binds, *extra_ro_binds]:
         argv += ["--ro-bind", str(source), str(dest)]
     for node in policy.gpu_devices:
-        argv += ["--dev-bind", node, node]
+        # A node outside /dev (a stand-in folder of device nodes) appears as /dev/<name>.
+        inside = node if node.startswith("/dev/") else f"/dev/{os.path.basename(node)}"
+        argv += ["--dev-bind", node, inside]
     # bubblewrap's /dev is an unsized tmpfs the sandbox uid owns: nothing may be written
     # there (/dev/shm and /dev/pts are mounts of their own and stay writable).
     argv += ["--remount-ro", "/dev"]
