@@ -45,14 +45,14 @@ from pathlib import Path
 
 from jupyterhub.spawner import Spawner
 from tornado import web
-from traitlets import Bool, Float, Integer, List, Tuple, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, default
 
 from medzone_kernel import contract
 
-from . import access, audit, onboarding, sandbox, sessions, usage
+from . import access, audit, onboarding, sandbox, sessions, spawn_profiles, usage
 from .config import MedZoneHome, resolve_home
 from .db import open_store
-from .errors import MedZoneError, NotFound, RuleViolation
+from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .homefs import UserHome
 from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
 
@@ -244,6 +244,31 @@ class SafeZoneSpawner(Spawner):
              "are looked for. Nodes found outside /dev appear in the sandbox as "
              "/dev/<name> (a folder of stand-in nodes, for tests on machines without GPUs).",
     )
+    spawn_profiles = Bool(
+        True, config=True,
+        help="Offer a spawn form with the resource profiles the user's roles allow (CPU "
+             "only; one whole GPU; a MIG slice; a shared GPU with a memory share), each "
+             "full one saying who holds it and when it frees up. Users without the GPU "
+             "role get no form (CPU only). A spawn without a profile (the REST API without "
+             "one) gets any whole GPU the user may have, as before.",
+    )
+    shared_gpu_indices = List(
+        Integer(), config=True,
+        help="GPUs (by index) shared by several servers, offered as 'a shared GPU'; the "
+             "others go whole to one server. A MIG-partitioned GPU is offered only as its "
+             "slices.",
+    )
+    shared_gpu_sessions = Integer(
+        2, config=True,
+        help="How many servers share one of the shared_gpu_indices GPUs (at least 2); each "
+             "is told its memory share in MEDZONE_GPU_MEMORY_FRACTION (advisory: CUDA has "
+             "no hard per-process memory cap outside MIG).",
+    )
+    mig_slices = List(
+        Dict(), config=True,
+        help="MIG slices to offer, as {'parent': GPU index, 'uuid': 'MIG-…', 'name': "
+             "'1g.10gb', 'slot': n}. Empty: found through NVML where the driver answers.",
+    )
     onboard_tutorials = Bool(
         True, config=True,
         help="Copy the tutorials and the lab guide into tutorials/ in the home at the first "
@@ -403,7 +428,7 @@ class SafeZoneSpawner(Spawner):
         key = f"hub:{self.user.name}:{self.name or ''}"
         with open_store(home).session() as session:
             policy = sessions.policy_for(home, session, self.user.name, config)
-        sandbox.reserve_gpu(policy, key, **self._gpu_nodes())
+        self._reserve_gpu(policy, key)
         try:
             sandbox.ensure_home(home, policy)
             self._onboard(policy)
@@ -424,6 +449,80 @@ class SafeZoneSpawner(Spawner):
 
         return {"gpus": sandbox.detect_gpus(self.gpu_device_dir),
                 "support_nodes": nvidia_support_nodes(self.gpu_device_dir)}
+
+    # --- resource profiles (medzone_hub.spawn_profiles) ---------------------------------
+
+    def _inventory(self) -> spawn_profiles.Inventory:
+        nodes = self._gpu_nodes()
+        gpus = nodes.get("gpus")
+        gpus = sandbox.detect_gpus() if gpus is None else gpus
+        if not gpus:
+            slices = []
+        elif self.mig_slices:
+            slices = [spawn_profiles.MigSlice(**d) for d in self.mig_slices]
+        else:
+            slices = spawn_profiles.detect_mig_slices()
+        return spawn_profiles.Inventory.build(gpus, slices, self.shared_gpu_indices,
+                                              self.shared_gpu_sessions)
+
+    def _profile_choices(self, policy) -> list:
+        from .culling import IdleCuller
+
+        culler = IdleCuller(config=self.config)
+        registry = (policy.state_dir / sandbox.resources.GPU_REGISTRY_NAME
+                    if policy.state_dir else None)
+        return spawn_profiles.choices(
+            self._inventory(), gpu_allowed=policy.gpu_allowed,
+            entries=spawn_profiles.registry_entries(registry),
+            idle_timeout=culler.timeout if culler.enabled else None,
+            max_age=culler.max_age if culler.enabled else None)
+
+    def _reserve_gpu(self, policy, key: str) -> None:
+        """Reserve what the chosen profile (``user_options['profile']``) names; without
+        one, any whole GPU the user may have."""
+        profile = (self.user_options or {}).get(spawn_profiles.OPTION)
+        nodes = self._gpu_nodes()
+        if not profile:
+            inv = self._inventory()
+            if inv.shared or inv.slices:
+                nodes["gpus"] = inv.whole
+            sandbox.reserve_gpu(policy, key, **nodes)
+            return
+        choice = spawn_profiles.pick(self._profile_choices(policy), str(profile))
+        if choice.key == spawn_profiles.CPU:
+            policy.gpu_allowed = False
+            return
+        policy.gpu_sessions_per_gpu = choice.per_gpu
+        sandbox.reserve_gpu(policy, key, gpus=choice.devices,
+                            support_nodes=nodes.get("support_nodes"))
+        if choice.key == spawn_profiles.SHARED:
+            policy.env[spawn_profiles.ENV_MEMORY_FRACTION] = f"{1 / choice.per_gpu:.3f}"
+
+    def _profiles_form_sync(self) -> str:
+        config = self.sandbox_config()
+        with open_store(self.home).session() as session:
+            policy = sessions.policy_for(self.home, session, self.user.name, config)
+        found = self._profile_choices(policy)
+        if len(found) < 2:
+            return ""  # CPU only: nothing to choose
+        return spawn_profiles.form_html(found)
+
+    async def _profiles_form(self, spawner=None) -> str:
+        if not self.spawn_profiles:
+            return ""
+        try:
+            return await asyncio.to_thread(self._profiles_form_sync)
+        except MedZoneError as err:
+            self.log.warning("%s: no spawn form: %s", self._log_name, err)
+            return ""
+
+    @default("options_form")
+    def _options_form_default(self):
+        return self._profiles_form
+
+    def options_from_form(self, formdata):
+        values = formdata.get(spawn_profiles.OPTION) or []
+        return {spawn_profiles.OPTION: values[0]} if values else {}
 
     def _onboard(self, policy) -> None:
         """Tutorials and the datasets link in the home (medzone_hub.onboarding); a failure
@@ -451,6 +550,11 @@ class SafeZoneSpawner(Spawner):
         except (NotFound, RuleViolation) as err:
             self.log.warning("refusing a server for %s: %s", self.user.name, err)
             raise web.HTTPError(403, str(err)) from None
+        except InvalidInput as err:
+            raise web.HTTPError(400, str(err)) from None
+        except Conflict as err:  # the chosen profile is full: who holds it, when it frees
+            self.log.warning("no server for %s now: %s", self.user.name, err)
+            raise web.HTTPError(409, str(err)) from None
         except MedZoneError as err:
             raise web.HTTPError(500, str(err)) from None
 

@@ -1,0 +1,168 @@
+"""Resource profiles at spawn: the form offers what the user's roles allow; a chosen profile
+gives the sandbox exactly its device(s) (``CUDA_VISIBLE_DEVICES`` and the bound
+``/dev/nvidia*`` nodes: stand-in character nodes on machines without GPUs); a full profile
+says who holds it and when it frees up. First as functions, then in a real hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from medzone_hub import spawn_profiles as sp
+from medzone_hub.accounts import set_password
+from medzone_hub.sandbox import GpuDevice
+
+from .hub_harness import PASSWORD, DATASET, login, require_hub_tools, run_code, running_hub
+from .test_idle_culling import add_gpu_user, make_fake_gpu_dir
+
+require_hub_tools()
+
+GPUS = [GpuDevice(0, "/dev/nvidia0", "GPU-a"), GpuDevice(1, "/dev/nvidia1"),
+        GpuDevice(2, "/dev/nvidia2")]
+SLICES = [sp.MigSlice(2, "MIG-aaaa", "1g.10gb", 0), sp.MigSlice(2, "MIG-bbbb", "1g.10gb", 1)]
+
+
+def inventory():
+    return sp.Inventory.build(GPUS, SLICES, [1], 2)
+
+
+def entry(gpu, user, since=1_700_000_000):
+    return {"gpu": gpu, "user": user, "pid": os.getpid(), "since": since}
+
+
+def test_pools_never_overlap():
+    inv = inventory()
+    assert [g.index for g in inv.whole] == [0]
+    assert [g.index for g in inv.shared] == [1]
+    assert [(m.uuid, d.path, d.cuda_id) for m, d in inv.slices] == [
+        ("MIG-aaaa", "/dev/nvidia2", "MIG-aaaa"), ("MIG-bbbb", "/dev/nvidia2", "MIG-bbbb")]
+    assert {d.index for _, d in inv.slices}.isdisjoint({0, 1, 2})
+
+
+def test_choices_follow_the_role_and_the_registry():
+    assert [c.key for c in sp.choices(inventory(), gpu_allowed=False, entries={})] == ["cpu"]
+    found = sp.choices(inventory(), gpu_allowed=True, entries={})
+    assert [c.key for c in found] == ["cpu", "gpu", "shared", "mig:MIG-aaaa", "mig:MIG-bbbb"]
+    assert all(c.free for c in found)
+    mig_a = sp.mig_registry_index(SLICES[0])
+    entries = {"k1": entry(0, "hank"), "k2": entry(1, "ines"), "k3": entry(1, "joe"),
+               "k4": entry(mig_a, "gina")}
+    found = {c.key: c for c in sp.choices(inventory(), gpu_allowed=True, entries=entries,
+                                          idle_timeout=3600, max_age=0)}
+    assert not found["gpu"].free and "hank since" in found["gpu"].detail
+    assert "after 1 h without activity" in found["gpu"].detail
+    assert not found["shared"].free and "ines" in found["shared"].detail
+    assert "joe" in found["shared"].detail
+    assert not found["mig:MIG-aaaa"].free and "gina" in found["mig:MIG-aaaa"].detail
+    assert found["mig:MIG-bbbb"].free and found["cpu"].free
+    with pytest.raises(sp.Conflict, match="hank since .* frees up when that server stops"):
+        sp.pick(list(found.values()), "gpu")
+    with pytest.raises(sp.InvalidInput, match="not offered"):
+        sp.pick(list(found.values()), "mig:MIG-zzzz")
+    assert sp.pick(list(found.values()), "mig:MIG-bbbb").devices[0].cuda_id == "MIG-bbbb"
+
+
+def test_the_form_disables_a_full_profile_and_names_its_holder():
+    entries = {"k1": entry(0, "hank")}
+    page = sp.form_html(sp.choices(inventory(), gpu_allowed=True, entries=entries))
+    assert 'value="cpu" checked' in page
+    assert 'value="gpu" disabled' in page and "in use by hank" in page
+    assert 'value="mig:MIG-aaaa"' in page and "<script" not in page
+    evil = {"k1": entry(0, "<script>x</script>")}
+    assert "<script>x" not in sp.form_html(sp.choices(inventory(), gpu_allowed=True,
+                                                      entries=evil))
+
+
+def test_dead_owners_do_not_hold_a_profile(tmp_path):
+    path = tmp_path / "gpu-sessions.json"
+    path.write_text(json.dumps({"a": {"gpu": 0, "user": "x", "pid": 2 ** 22 + 7},
+                                "b": entry(1, "y")}))
+    assert list(sp.registry_entries(path)) == ["b"]
+    assert sp.registry_entries(tmp_path / "missing.json") == {}
+
+
+# --- in a real hub ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub():
+    fake = make_fake_gpu_dir(("nvidia0", "nvidia1", "nvidia2", "nvidiactl"))
+    extra = (f"c.SafeZoneSpawner.gpu_device_dir = {str(fake)!r}\n"
+             "c.SafeZoneSpawner.shared_gpu_indices = [1]\n"
+             "c.SafeZoneSpawner.mig_slices = [\n"
+             "    {'parent': 2, 'uuid': 'MIG-aaaa', 'name': '1g.10gb', 'slot': 0},\n"
+             "    {'parent': 2, 'uuid': 'MIG-bbbb', 'name': '1g.10gb', 'slot': 1}]\n")
+    try:
+        with running_hub({DATASET: "data\n"}, extra_config=extra) as h:
+            yield h
+    finally:
+        shutil.rmtree(fake, ignore_errors=True)
+
+
+PROBE = ("import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'), "
+         "os.environ.get('MEDZONE_GPU_MEMORY_FRACTION'), "
+         "','.join(sorted(n for n in os.listdir('/dev') if n.startswith('nvidia'))))")
+
+
+def spawn_with(hub, name: str, profile: str):
+    hub.api("POST", f"/users/{name}")
+    r = hub.api("POST", f"/users/{name}/server", json={"profile": profile})
+    if r.status_code == 202:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            server = hub.api("GET", f"/users/{name}").json()["servers"].get("", {})
+            if server.get("ready") or not server:
+                break
+            time.sleep(0.2)
+    return r
+
+
+def sees(hub, name: str) -> list[str]:
+    return run_code(hub, name, hub.user_token(name), PROBE).split()
+
+
+def test_each_profile_sees_exactly_its_devices(hub):
+    add_gpu_user(hub, "gina")
+    assert spawn_with(hub, "gina", "mig:MIG-aaaa").status_code in (201, 202)
+    assert sees(hub, "gina") == ["MIG-aaaa", "None", "nvidia2,nvidiactl"]
+    add_gpu_user(hub, "hank")
+    assert spawn_with(hub, "hank", "gpu").status_code in (201, 202)
+    assert sees(hub, "hank") == ["0", "None", "nvidia0,nvidiactl"]
+    add_gpu_user(hub, "ines")
+    assert spawn_with(hub, "ines", "shared").status_code in (201, 202)
+    assert sees(hub, "ines") == ["1", "0.500", "nvidia1,nvidiactl"]
+    add_gpu_user(hub, "kemal")
+    assert spawn_with(hub, "kemal", "cpu").status_code in (201, 202)
+    assert sees(hub, "kemal") == ["None", "None", ""] or \
+        sees(hub, "kemal") == ["None", "None"]
+
+
+def test_a_full_profile_says_who_holds_it_and_a_cpu_user_gets_no_form(hub):
+    add_gpu_user(hub, "lena")
+    if hub.api("GET", "/users/hank").status_code == 404:  # run on its own
+        add_gpu_user(hub, "hank")
+    if not hub.api("GET", "/users/hank").json().get("servers"):
+        assert spawn_with(hub, "hank", "gpu").status_code in (201, 202)
+    r = spawn_with(hub, "lena", "gpu")
+    text = r.text + json.dumps(hub.api("GET", "/users/lena").json())
+    if r.status_code in (201, 202):  # failed in the background: the hub logged why
+        text += hub.log()[-5000:]
+    assert "hank since" in text and "frees up when that server stops" in text, text[-2000:]
+    # The form, as lena's browser gets it: the whole GPU disabled with its holder.
+    set_password(hub.home, "lena", PASSWORD, actor="test")
+    s = login(hub, "lena", PASSWORD)
+    page = s.get(f"{hub.url}/hub/spawn/lena", timeout=60).text
+    assert 'name="profile"' in page and "in use by hank" in page, page[-3000:]
+    assert 'value="mig:MIG-bbbb"' in page
+    # A CPU-only user: no form, and no GPU profile by the API either.
+    hub.add_store_user("milo")
+    r = spawn_with(hub, "milo", "gpu")
+    assert r.status_code == 400 and "not offered" in r.text, r.text
+    set_password(hub.home, "milo", PASSWORD, actor="test")
+    s = login(hub, "milo", PASSWORD)
+    page = s.get(f"{hub.url}/hub/spawn/milo", timeout=60, allow_redirects=False)
+    assert 'name="profile"' not in page.text
