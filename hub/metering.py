@@ -275,6 +275,7 @@ class GpuMeter:
     def __init__(self, nvml, handles: list, interval: float, pids=None):
         self.nvml, self.handles, self.interval, self.pids = nvml, handles, interval, pids
         self.busy_s = 0.0
+        self.util_measured = False  # a MIG slice, say, has no utilisation counter
         self.mem_peak: int | None = None
         self.energy_start: list[int | None] = [self._energy(h) for h in handles]
         self.mem_base = [self._used(h) for h in handles]
@@ -308,11 +309,11 @@ class GpuMeter:
         except Exception:  # noqa: BLE001 - NVMLError_NotSupported on older GPUs
             return None
 
-    def _used(self, handle) -> int:
+    def _used(self, handle) -> int | None:
         try:
             return int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used)
         except Exception:  # noqa: BLE001
-            return 0
+            return None
 
     def _process_memory(self, handle) -> int | None:
         if self.pids is None:
@@ -330,20 +331,28 @@ class GpuMeter:
     def sample(self) -> None:
         now = time.monotonic()
         dt, self._last = now - self._last, now
-        memory = 0
+        memory = None
         for handle, base in zip(self.handles, self.mem_base):
             with contextlib.suppress(Exception):
                 self.busy_s += self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100 * dt
+                self.util_measured = True
             own = self._process_memory(handle)
-            memory += own if own is not None else max(0, self._used(handle) - base)
-        self.mem_peak = memory if self.mem_peak is None else max(self.mem_peak, memory)
+            if own is None:
+                used = self._used(handle)
+                own = None if used is None or base is None else max(0, used - base)
+            if own is not None:
+                memory = (memory or 0) + own
+        if memory is not None:
+            self.mem_peak = memory if self.mem_peak is None else max(self.mem_peak, memory)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def stop(self) -> tuple[float, int | None, float | None]:
-        """Stop sampling: ``(GPU-seconds, memory peak in bytes, energy in joules or None)``."""
+    def stop(self) -> tuple[float | None, int | None, float | None]:
+        """Stop sampling: ``(GPU-seconds, memory peak in bytes, energy in joules)``, each
+        ``None`` where NVML could not tell it (a MIG slice has no utilisation or energy
+        counter of its own)."""
         self._stop.set()
         self._thread.join()
         self.sample()
@@ -353,7 +362,7 @@ class GpuMeter:
             energy = sum(e - s for s, e in zip(self.energy_start, ends)) / 1000
         with contextlib.suppress(Exception):
             self.nvml.nvmlShutdown()
-        return self.busy_s, self.mem_peak, energy
+        return (self.busy_s if self.util_measured else None), self.mem_peak, energy
 
 
 # --- one sandbox, start to end ---------------------------------------------------------------
@@ -448,8 +457,10 @@ def _finish_gpu(usage: Usage, gpu: GpuMeter | None) -> None:
     if gpu is None:
         return
     usage.gpu_s, usage.gpu_mem_peak_bytes, usage.energy_j = gpu.stop()
-    usage.sources["gpu_s"] = "nvml utilisation samples"
-    usage.sources["gpu_mem_peak_bytes"] = "nvml memory samples"
+    if usage.gpu_s is not None:
+        usage.sources["gpu_s"] = "nvml utilisation samples"
+    if usage.gpu_mem_peak_bytes is not None:
+        usage.sources["gpu_mem_peak_bytes"] = "nvml memory samples"
     if usage.energy_j is not None:
         usage.sources["energy_j"] = "nvml total energy counter"
 

@@ -185,6 +185,39 @@ def test_on_a_gpu_machine_the_energy_counter_moves():
     assert energy_j is None or energy_j > 0
 
 
+class _MigLikeNvml:
+    """NVML's answers for a MIG slice: memory, but no utilisation or energy counter of its
+    own (a stand-in for the bookkeeping only: the real NVML path is checked on a GPU
+    machine by benchmarks/gpu_check.py and the test above)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, used: list[int]):
+        self.used = list(used)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        raise self.NVMLError("Not Supported")
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Memory", (), {"used": self.used.pop(0) if len(self.used) > 1 else self.used[0]})
+
+    def nvmlShutdown(self):
+        pass
+
+
+def test_counters_nvml_cannot_give_are_not_measured_rather_than_zero():
+    nvml = _MigLikeNvml([1000, 5000, 3000])
+    meter = metering.GpuMeter(nvml, ["slice"], interval=60)
+    meter.sample()
+    gpu_s, mem_peak, energy_j = meter.stop()
+    assert gpu_s is None and energy_j is None  # no counter: not measured, not 0
+    assert mem_peak == 4000  # the most above what the slice held at the start
+
+
 # --- the files read -------------------------------------------------------------------------
 
 def test_cgroup_files_of_both_versions_are_read(tmp_path):
