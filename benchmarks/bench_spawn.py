@@ -19,6 +19,14 @@ cycle of each is a warm-up and is not counted.
 Goal: MedZone's median ≤ 1.3 × the ``SimpleLocalProcessSpawner`` median.
 
 ``MEDZONE_BENCH_SPAWNS`` (default 7) sets the cycles per hub, warm-up included.
+
+Then **a class logging in at once** on the MedZone hub (default settings: admission of
+``max_concurrent_starts`` = the CPU count, at least 2; profiles on): ``MEDZONE_BENCH_BURST``
+(default 24; 0 skips it) approved users with a grant each request their server at the
+same moment (one thread each, released together). Recorded: failures (a request refused,
+or a server that never became ready: goal 0), the seconds from the burst to the first and
+to the last server ready (the hub's ``ready`` flag), and whether earlier requests were
+served earlier (how many servers became ready out of their request order).
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ POLL_S = 0.05
 SPAWN_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 60
 SIMPLE_SPAWNER = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+BURST = int(os.environ.get("MEDZONE_BENCH_BURST", "24"))
+BURST_TIMEOUT_S = 900
 
 
 def _free_port() -> int:
@@ -242,6 +252,89 @@ class _Hub:
             return ""
 
 
+def burst(hub: _Hub, n: int) -> dict:
+    """*n* users request their servers at once; failures, first and last ready, order."""
+    import threading
+
+    names = [f"class{i:02d}" for i in range(n)]
+    for name in names:
+        with hub.store.session() as session:
+            accounts.add_user(session, name, approved=True, actor="bench")
+        with hub.store.session() as session:
+            app_id = access.apply(session, user=name, dataset_ids=[DATASET],
+                                  purpose="spawn burst").id
+        with hub.store.session() as session:
+            access.approve(session, app_id, reviewer="steward")
+        r = hub.api("POST", f"/users/{name}")
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"creating {name}: {r.status_code} {r.text}")
+    barrier = threading.Barrier(n + 1)
+    requested: dict[str, float] = {}
+    answers: dict[str, int] = {}
+
+    def request(name: str, delay: float) -> None:
+        barrier.wait()
+        time.sleep(delay)  # arrivals a few ms apart, in name order
+        requested[name] = time.perf_counter()
+        try:
+            answers[name] = hub.api("POST", f"/users/{name}/server", timeout=300).status_code
+        except requests.RequestException:
+            answers[name] = 0
+
+    threads = [threading.Thread(target=request, args=(name, i * 0.02))
+               for i, name in enumerate(names)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    ready: dict[str, float] = {}
+    failed: set[str] = set()
+    deadline = time.monotonic() + BURST_TIMEOUT_S
+    while len(ready) + len(failed) < n and time.monotonic() < deadline:
+        try:
+            users = {u["name"]: u for u in hub.api("GET", "/users", timeout=30).json()}
+        except (requests.RequestException, ValueError):
+            time.sleep(0.5)
+            continue
+        now = time.perf_counter()
+        for name in names:
+            if name in ready or name in failed or name not in answers:
+                continue
+            if answers[name] not in (201, 202):
+                failed.add(name)
+                continue
+            server = users.get(name, {}).get("servers", {}).get("")
+            if server and server.get("ready"):
+                ready[name] = now
+            elif not server and now - requested[name] > 5:
+                failed.add(name)  # gone without ever being ready: the spawn failed
+        time.sleep(0.25)
+    for t in threads:
+        t.join(timeout=60)
+    failed |= set(names) - set(ready)
+    order = sorted(ready, key=ready.get)
+    requested_order = [name for name in sorted(requested, key=requested.get) if name in ready]
+    out_of_order = sum(1 for a, b in zip(order, requested_order) if a != b)
+    for name in names:
+        hub.api("DELETE", f"/users/{name}/server")
+    times = sorted(ready.values())
+    return {
+        "burst_spawns": n,
+        "burst_failures": len(failed),
+        "burst_first_ready_s": round(times[0] - t0, 2) if times else None,
+        "burst_last_ready_s": round(times[-1] - t0, 2) if times else None,
+        "burst_ready_out_of_request_order": out_of_order,
+        "burst_start_limit": hub_start_limit(),
+        "burst_failure_messages": sorted({
+            m for m in re.findall(r"Failed to spawn[^\n]{0,200}|Timeout[^\n]{0,200}",
+                                  hub._log_text())})[:5],
+    }
+
+
+def hub_start_limit() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
 def _sweep(base: Path, uid_ranges: list[range]) -> None:
     """SIGKILL what is left of this run: processes working under *base* or with a sandbox uid."""
     me = os.getpid()
@@ -297,6 +390,11 @@ def run() -> dict:
                 f"{v} {s[-1]:.2f} s" for v, s in samples.items()), flush=True)
         hub_starts = {hub.variant: hub.hub_reported_starts()[1:] for hub in hubs}
         spawner_starts = hubs[0].spawner_start_times()[1:]
+        hubs[1].stop()  # the burst runs on the MedZone hub alone
+        burst_result = burst(hubs[0], BURST) if BURST > 0 else {}
+        if burst_result:
+            print("  burst: " + ", ".join(f"{k} {v}" for k, v in burst_result.items()),
+                  flush=True)
     finally:
         for hub in hubs:
             hub.stop()
@@ -328,6 +426,8 @@ def run() -> dict:
                                            if spawner_starts else None),
         "medzone_samples_s": [round(x, 3) for x in medzone],
         "simple_samples_s": [round(x, 3) for x in simple],
+        **burst_result,
+        "burst_goal_met": burst_result.get("burst_failures") == 0 if burst_result else None,
         "benchmark_wall_s": round(wall, 1),
     }
     for k, v in result.items():

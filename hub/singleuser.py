@@ -218,13 +218,30 @@ def launcher_cards(env=None) -> list[dict]:
 
 
 def lab_overrides(env=None) -> dict:
-    """JupyterLab settings overrides: Help > MedZone guide; no news, no update checks."""
+    """JupyterLab settings overrides: a MedZone menu (request an export of the open file,
+    run a template, grants, portal, guide), Help > MedZone guide; no news, no update
+    checks."""
     env = os.environ if env is None else env
     guide = env.get(ENV_GUIDE_URL) or f"{server_prefix(env)}medzone/guide"
+    portal, prefix = portal_url(env), server_prefix(env)
+
+    def link(text, url, rank):
+        return {"command": "help:open", "rank": rank,
+                "args": {"url": url, "text": text, "newBrowserTab": True}}
+
     return {
         "@jupyterlab/apputils-extension:notification": {
             "fetchNews": "false", "checkForUpdates": False},
         "@jupyterlab/mainmenu-extension:plugin": {"menus": [{
+            # A menu of its own: "Request an export" from here keeps the open file current.
+            "id": "jp-mainmenu-medzone", "label": "MedZone", "rank": 1000,
+            "items": [
+                link("Request an export of this file", f"{prefix}medzone/request-export", 1),
+                link("Run a template", f"{portal}run", 2),
+                link("My datasets and grants", f"{portal}access", 3),
+                link("MedZone portal", portal, 4),
+                link("MedZone guide", guide, 5),
+            ]}, {
             "id": "jp-mainmenu-help",
             "items": [
                 {"type": "separator", "rank": 0.5},
@@ -261,11 +278,27 @@ def current_document(workspace: dict, exists) -> str | None:
     data = workspace.get("data") if isinstance(workspace, dict) else None
     layout = data.get("layout-restorer:data") if isinstance(data, dict) else None
     main = layout.get("main") if isinstance(layout, dict) else None
-    current = main.get("current") if isinstance(main, dict) else None
-    if not isinstance(current, str) or ":" not in current:
+    if not isinstance(main, dict):
         return None
-    path = current.split(":", 1)[1].strip("/")
-    return path if path and exists(path) else None
+    # The current tab first; when it is no document (a launcher), the last document tab.
+    names = [main.get("current"), *reversed(_tab_names(main.get("dock")))]
+    for name in names:
+        if not isinstance(name, str) or ":" not in name:
+            continue
+        path = name.split(":", 1)[1].strip("/")
+        if path and exists(path):
+            return path
+    return None
+
+
+def _tab_names(area, depth: int = 0) -> list:
+    """The widget names of a saved dock layout, in order (tab areas inside split areas)."""
+    if not isinstance(area, dict) or depth > 20:
+        return []
+    names = [w for w in area.get("widgets") or [] if isinstance(w, str)]
+    for child in area.get("children") or []:
+        names += _tab_names(child, depth + 1)
+    return names
 
 
 class RequestExportHandler(JupyterHandler):

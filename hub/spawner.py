@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -143,6 +144,62 @@ async def _server_answers(path: str, base_url: str, alive, interval: float) -> b
     return False
 
 
+class SpawnAdmission:
+    """First come, first served admission of server starts: at most *limit* sandboxes
+    start at once (a start is CPU-bound: a burst of logins would otherwise all start
+    together and all run into ``start_timeout``); the others wait in arrival order. The
+    wait happens before :meth:`SafeZoneSpawner.start` is called (in the pre-spawn hook),
+    so it does not count against ``start_timeout``."""
+
+    def __init__(self):
+        self.active = 0
+        self.waiters: list[asyncio.Future] = []
+        self.durations: list[float] = []  # the last starts' seconds, for estimates
+
+    def position(self, ticket: asyncio.Future) -> int:
+        """How many starts wait before *ticket* (0: next)."""
+        try:
+            return self.waiters.index(ticket)
+        except ValueError:
+            return 0
+
+    def estimate(self, ahead: int, limit: int) -> float:
+        """About how many seconds until a start with *ahead* others before it begins."""
+        recent = self.durations[-20:]
+        each = sorted(recent)[len(recent) // 2] if recent else 3.0
+        return each * (ahead // max(1, limit) + 1)
+
+    def ticket(self, limit: int) -> asyncio.Future | None:
+        """``None``: admitted at once; else a future that is set when admitted."""
+        if self.active < limit and not self.waiters:
+            self.active += 1
+            return None
+        ticket = asyncio.get_running_loop().create_future()
+        self.waiters.append(ticket)
+        return ticket
+
+    def withdraw(self, ticket: asyncio.Future) -> None:
+        """A waiting start gave up (cancelled): its place goes, or its slot if it had one."""
+        if ticket in self.waiters:
+            self.waiters.remove(ticket)
+        elif ticket.done() and not ticket.cancelled():
+            self.release(None)
+
+    def release(self, duration: float | None) -> None:
+        if duration is not None:
+            self.durations = [*self.durations[-19:], duration]
+        while self.waiters:
+            ticket = self.waiters.pop(0)
+            if not ticket.done():
+                ticket.set_result(None)  # the slot passes on: active stays the same
+                return
+        self.active = max(0, self.active - 1)
+
+
+#: One per hub process: every SafeZoneSpawner shares it.
+ADMISSION = SpawnAdmission()
+
+
 class SafeZoneSpawner(Spawner):
     """Starts each user's single-user server in a MedZone sandbox (see the module doc)."""
 
@@ -243,6 +300,13 @@ class SafeZoneSpawner(Spawner):
         help="Where the GPU device nodes (nvidiaN, nvidiactl, nvidia-uvm, nvidia-caps/) "
              "are looked for. Nodes found outside /dev appear in the sandbox as "
              "/dev/<name> (a folder of stand-in nodes, for tests on machines without GPUs).",
+    )
+    max_concurrent_starts = Integer(
+        0, config=True,
+        help="Most servers that start at the same time; later ones wait in arrival order "
+             "(the spawn page says how many start before theirs and about how long it "
+             "takes) and their wait does not count against start_timeout. 0: the "
+             "machine's CPU count, at least 2.",
     )
     spawn_profiles = Bool(
         True, config=True,
@@ -450,6 +514,53 @@ class SafeZoneSpawner(Spawner):
         return {"gpus": sandbox.detect_gpus(self.gpu_device_dir),
                 "support_nodes": nvidia_support_nodes(self.gpu_device_dir)}
 
+    # --- admission (a class logging in at once) ---------------------------------------
+
+    @property
+    def start_limit(self) -> int:
+        return self.max_concurrent_starts or max(2, os.cpu_count() or 2)
+
+    async def run_pre_spawn_hook(self):
+        """Wait for a start slot (:class:`SpawnAdmission`), then the configured hook."""
+        self._admitted_at = None
+        self._ticket = ADMISSION.ticket(self.start_limit)
+        if self._ticket is not None:
+            ahead = ADMISSION.position(self._ticket)
+            self.log.info("%s: the zone is busy: %d start(s) before this one",
+                          self._log_name, ahead)
+            try:
+                await self._ticket
+            except BaseException:
+                ADMISSION.withdraw(self._ticket)
+                raise
+        self._admitted_at = time.monotonic()
+        try:
+            result = super().run_pre_spawn_hook()
+            return (await result) if inspect.isawaitable(result) else result
+        except BaseException:
+            self._leave_admission(ok=False)
+            raise
+
+    def _leave_admission(self, ok: bool) -> None:
+        admitted = getattr(self, "_admitted_at", None)
+        if admitted is None:
+            return
+        self._admitted_at = None
+        ADMISSION.release(time.monotonic() - admitted if ok else None)
+
+    async def progress(self):
+        """The spawn page's messages: while waiting for a slot, how many starts are ahead
+        and about how long until this one begins."""
+        ticket = getattr(self, "_ticket", None)
+        while ticket is not None and not ticket.done():
+            ahead = ADMISSION.position(ticket)
+            wait = ADMISSION.estimate(ahead, self.start_limit)
+            yield {"progress": 5, "message":
+                   f"The zone is busy: {ahead + ADMISSION.active} server(s) start before "
+                   f"yours; yours starts in about {max(1, round(wait))} s."}
+            await asyncio.sleep(1)
+        yield {"progress": 50, "message": "Starting your sandbox"}
+
     # --- resource profiles (medzone_hub.spawn_profiles) ---------------------------------
 
     def _inventory(self) -> spawn_profiles.Inventory:
@@ -544,6 +655,12 @@ class SafeZoneSpawner(Spawner):
         return secret_pipe({k: env.pop(k) for k in SECRET_ENV_KEYS if k in env})
 
     async def start(self):
+        try:
+            return await self._start()
+        finally:
+            self._leave_admission(ok=True)
+
+    async def _start(self):
         t0 = time.monotonic()
         try:
             home, policy, host_sock, listener = await asyncio.to_thread(self._prepare)

@@ -163,12 +163,15 @@ def test_help_menu_links_the_guide_and_news_is_off():
     overrides = singleuser.lab_overrides(ENV)
     assert overrides["@jupyterlab/apputils-extension:notification"] == {
         "fetchNews": "false", "checkForUpdates": False}
-    items = overrides["@jupyterlab/mainmenu-extension:plugin"]["menus"][0]["items"]
+    menus = {m["id"]: m for m in overrides["@jupyterlab/mainmenu-extension:plugin"]["menus"]}
+    items = menus["jp-mainmenu-help"]["items"]
     urls = [i["args"]["url"] for i in items if i.get("command") == "help:open"]
     assert urls == ["/user/alice/medzone/guide", "/services/medzone-portal/"]
+    medzone = [i["args"]["url"] for i in menus["jp-mainmenu-medzone"]["items"]]
+    assert medzone[0] == "/user/alice/medzone/request-export"
     custom = singleuser.lab_overrides({**ENV, "MEDZONE_GUIDE_URL": "https://guide.example"})
-    items = custom["@jupyterlab/mainmenu-extension:plugin"]["menus"][0]["items"]
-    assert items[1]["args"]["url"] == "https://guide.example"
+    menus = {m["id"]: m for m in custom["@jupyterlab/mainmenu-extension:plugin"]["menus"]}
+    assert menus["jp-mainmenu-help"]["items"][1]["args"]["url"] == "https://guide.example"
     assert "@jupyterlab/apputils-extension:announcements" in singleuser.DISABLED_LAB_PLUGINS
 
 
@@ -182,6 +185,10 @@ def test_current_document_of_a_saved_workspace():
     assert singleuser.current_document(ws("imageviewer:out/fig.png"), exists) == "out/fig.png"
     assert singleuser.current_document(ws("launcher-0"), exists) is None
     assert singleuser.current_document(ws("editor:gone.py"), exists) is None
+    launcher_current = {"data": {"layout-restorer:data": {"main": {
+        "current": "launcher-0", "dock": {"type": "split-area", "children": [
+            {"type": "tab-area", "widgets": ["notebook:tutorials/01.ipynb", "launcher-0"]}]}}}}}
+    assert singleuser.current_document(launcher_current, exists) == "tutorials/01.ipynb"
     assert singleuser.current_document({}, exists) is None
     assert singleuser.current_document({"data": []}, exists) is None
 

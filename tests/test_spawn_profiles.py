@@ -17,7 +17,15 @@ from medzone_hub import spawn_profiles as sp
 from medzone_hub.accounts import set_password
 from medzone_hub.sandbox import GpuDevice
 
-from .hub_harness import PASSWORD, DATASET, login, require_hub_tools, run_code, running_hub
+from .hub_harness import (
+    DATASET,
+    PASSWORD,
+    login,
+    require_hub_tools,
+    run_code,
+    running_hub,
+    wait_for,
+)
 from .test_idle_culling import add_gpu_user, make_fake_gpu_dir
 
 require_hub_tools()
@@ -166,3 +174,78 @@ def test_a_full_profile_says_who_holds_it_and_a_cpu_user_gets_no_form(hub):
     s = login(hub, "milo", PASSWORD)
     page = s.get(f"{hub.url}/hub/spawn/milo", timeout=60, allow_redirects=False)
     assert 'name="profile"' not in page.text
+
+
+# --- a class logging in at once: admission of starts -------------------------------------
+
+def test_admission_is_first_come_first_served():
+    import asyncio
+
+    from medzone_hub.spawner import SpawnAdmission
+
+    async def scenario():
+        adm = SpawnAdmission()
+        order = []
+        assert adm.ticket(2) is None and adm.ticket(2) is None  # two start at once
+        waiting = [adm.ticket(2) for _ in range(3)]
+        assert [adm.position(t) for t in waiting] == [0, 1, 2]
+
+        async def wait(i, t):
+            await t
+            order.append(i)
+
+        tasks = [asyncio.ensure_future(wait(i, t)) for i, t in enumerate(waiting)]
+        await asyncio.sleep(0)
+        adm.withdraw(waiting[1])  # gave up while waiting: its place goes
+        tasks[1].cancel()
+        adm.release(2.0)
+        adm.release(4.0)
+        await asyncio.sleep(0.01)
+        assert order == [0, 2] and adm.active == 2 and not adm.waiters
+        assert adm.estimate(0, 2) == 4.0 and adm.estimate(4, 2) == 12.0
+        adm.release(None)
+        adm.release(None)
+        assert adm.active == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_larger_than_the_limit_starts_in_turn_without_failure():
+    import threading
+
+    import requests
+
+    with running_hub({DATASET: "data\n"},
+                     extra_config="c.SafeZoneSpawner.max_concurrent_starts = 1\n") as h:
+        names = ["q1", "q2", "q3"]
+        for name in names:
+            h.add_store_user(name)
+            h.api("POST", f"/users/{name}")
+        codes = {}
+
+        def post(name):
+            codes[name] = h.api("POST", f"/users/{name}/server").status_code
+
+        threads = [threading.Thread(target=post, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        # The spawn page's progress of a start that waits says the zone is busy.
+        messages = []
+        for name in names:
+            with requests.get(f"{h.url}/hub/api/users/{name}/server/progress", stream=True,
+                              headers={"Authorization": f"token {h.token}"},
+                              timeout=120) as r:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line and line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        messages.append(event.get("message", ""))
+                        if event.get("ready") or event.get("failed"):
+                            break
+        for t in threads:
+            t.join(120)
+        assert all(codes[n] in (201, 202) for n in names), codes
+        for name in names:
+            assert wait_for(lambda: h.api("GET", f"/users/{name}").json()["servers"]
+                            .get("", {}).get("ready"), 120), h.log()[-3000:]
+        assert any(m.startswith("The zone is busy") and "starts in about" in m
+                   for m in messages), messages
