@@ -8,6 +8,7 @@ and a non-zero exit; ``--json`` output goes to stdout alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -33,7 +34,9 @@ from .ingest import ingest_dataset, read_pseudonym_key
 from .logs import log_to_stderr
 from .models import utcnow
 from .registry import list_datasets
-from .runner import cancel_run, get_run, list_runs, run_progress, run_summary, run_template
+from .runner import get_run, list_runs, run_progress
+from .runqueue import Worker, cancel as cancel_queued_run, describe, enqueue, outcome, \
+    queue_settings, run_here, wait as wait_for_run, worker_pid
 from .screen import ScreenConfig, screen_paths
 from .sessions import run_in_sandbox
 from .metering import show as show_measured
@@ -241,10 +244,51 @@ def cmd_sandbox_exec(args, home: MedZoneHome) -> int:
 # --- run -------------------------------------------------------------------------------
 
 def cmd_run(args, home: MedZoneHome) -> int:
-    config = sandbox_config(load_hub_config(args.hub_config, home))
-    result = run_template(home, open_store(home), args.user, args.template,
-                          [tuple(p) for p in args.param or ()], config=config)
-    print(result.notebook)
+    hub_config = load_hub_config(args.hub_config, home)
+    config, settings = sandbox_config(hub_config), queue_settings(hub_config)
+    store = open_store(home)
+    run = enqueue(home, store, args.user, args.template, [tuple(p) for p in args.param or ()],
+                  settings=settings, config=config)
+    if args.detach:
+        print(run.id)
+        if worker_pid(home) is None:
+            print(f"run {run.id}: queued; no worker runs for this zone: it starts when one "
+                  "does (the hub starts one, or `medzone worker`)", file=sys.stderr)
+        return 0
+
+    def say(info: dict) -> None:
+        if info["state"] == "queued":
+            where = f" (position {info['position']})" if info.get("position") else ""
+            print(f"run {run.id}: queued{where}", file=sys.stderr, flush=True)
+        elif info.get("cells_total"):
+            at = info.get("current_cell") or info.get("cells_done")
+            print(f"run {run.id}: cell {at}/{info['cells_total']}", file=sys.stderr, flush=True)
+
+    try:
+        # No worker: this process takes its run when its turn comes and executes it, as
+        # before the queue existed. A worker's run: wait for it, printing its progress.
+        result = run_here(home, store, run.id, settings=settings, config=config,
+                          hub_config=hub_config, on_wait=say)
+        if result is None:
+            notebook = outcome(home, wait_for_run(home, store, run.id, on_progress=say,
+                                                  poll_interval=settings.poll_interval))
+        else:
+            notebook = result.notebook
+    except KeyboardInterrupt:
+        with contextlib.suppress(MedZoneError):
+            cancel_queued_run(home, store, run.id, default_actor(), hub_config=hub_config)
+        raise
+    print(notebook)
+    return 0
+
+
+def cmd_worker(args, home: MedZoneHome) -> int:
+    hub_config = load_hub_config(args.hub_config, home)
+    worker = Worker(home, open_store(home), settings=queue_settings(hub_config),
+                    config=sandbox_config(hub_config), hub_config=hub_config)
+    print(f"medzone worker: {worker.executor.name} executor, {worker.settings.slots} slot(s), "
+          f"{worker.settings.per_user_limit} per user", file=sys.stderr, flush=True)
+    worker.run()
     return 0
 
 
@@ -256,24 +300,29 @@ def _run_id(text: str) -> int:
 
 def cmd_runs_list(args, home: MedZoneHome) -> int:
     with open_store(home).session() as session:
-        runs = [run_summary(r) for r in list_runs(session, user=args.user, state=args.state)]
+        runs = describe(home, session, list_runs(session, user=args.user, state=args.state))
     if args.json:
         _print_json(runs)
         return 0
-    _print_table(runs, ["id", "user", "template", "state", "created", "error"])
+    for r in runs:
+        r["progress"] = (f"#{r['position']} in line" if r["position"] else
+                         f"cell {r['cells']}" if r["cells"] else None)
+    _print_table(runs, ["id", "user", "template", "state", "progress", "created", "error"])
     return 0
 
 
 def cmd_runs_show(args, home: MedZoneHome) -> int:
     with open_store(home).session() as session:
         run = get_run(session, _run_id(args.id))
-        info = run_summary(run)
+        info = describe(home, session, [run])[0]
     info["progress"] = run_progress(home, run)
     if args.json:
         _print_json(info)
         return 0
     progress = info["progress"]
     print(f"run {info['id']} of {info['template']} by {info['user']}: {info['state']}")
+    if info["position"]:
+        print(f"position in the queue: {info['position']}")
     if info["error"]:
         print(f"error: {info['error']}")
     print(f"cells: {progress['cells_done']} of {progress['cells_total']} done")
@@ -285,9 +334,8 @@ def cmd_runs_show(args, home: MedZoneHome) -> int:
 
 
 def cmd_runs_cancel(args, home: MedZoneHome) -> int:
-    with open_store(home).session() as session:
-        run = cancel_run(session, _run_id(args.id), default_actor())
-        print(f"run {run.id} of {run.template} by {run.user.name}: cancelled")
+    run = cancel_queued_run(home, open_store(home), _run_id(args.id), default_actor())
+    print(f"run {run.id} of {run.template} by {run.user.name}: cancelled")
     return 0
 
 
@@ -650,8 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--user", required=True)
     run.add_argument("-p", "--parameter", dest="param", nargs=2, action="append",
                      metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
+    run.add_argument("--detach", action="store_true",
+                     help="queue the run, print its id and return at once")
     _add_hub_config(run)
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="start queued template runs as slots allow "
+                            "(the hub starts one; one per zone)")
+    _add_hub_config(worker)
+    worker.set_defaults(func=cmd_worker)
 
     runs = sub.add_parser("runs", help="template runs: list, show, cancel").add_subparsers(
         dest="runs_command", required=True, metavar="ACTION")

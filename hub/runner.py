@@ -637,11 +637,16 @@ def prepare_run(
     templates_dir: str | os.PathLike | None = None,
     config=None,
     now: datetime | None = None,
+    needs: dict[str, Any] | None = None,
+    executor: str | None = None,
 ):
     """Check and prepare a run of *template* as *user* with ``(name, raw value)``
     *parameters* (steps 1–5 of the module docstring, papermill aside): the run folder and
     the user's copies of the template and parameters exist, and the run is recorded in the
     store, ``queued``. Returns the :class:`~medzone_hub.models.Run` row.
+
+    *needs* (what the run needs: :func:`medzone_hub.runqueue.run_needs`) and *executor*
+    (default ``local``) are recorded for the run queue.
 
     Raises :class:`InvalidInput`/:class:`NotFound` for a bad template or parameter and
     :class:`RuleViolation` for an ungranted dataset, before anything is created.
@@ -679,9 +684,10 @@ def prepare_run(
     with store.session() as session:
         run = Run(user=get_user(session, user), template=stem, template_sha256=template_sha,
                   parameters=values, state="queued", run_dir=rel,
-                  output=f"{rel}/{stem}.ipynb")
+                  output=f"{rel}/{stem}.ipynb", needs=needs, executor=executor or "local")
         if now is not None:
             run.created_at = now
+        run.queued_at = run.created_at or utcnow()
         session.add(run)
         session.flush()
     return run
@@ -881,12 +887,26 @@ def _finish(store, run_id: int, state: str, *, error: str | None = None) -> None
 
 
 def _check_alive(session, run) -> None:
-    """Mark *run* failed if it is ``running`` but the process executing it is gone."""
+    """Mark *run* failed if it is ``running`` but the process executing it is gone (a run
+    executed on this machine: another executor's job is looked after by the run queue)."""
+    if run.executor not in (None, "local"):
+        return
     if run.state == "running" and run.runner_pid is not None and not _alive(
             run.runner_pid, run.runner_start):
         run.state, run.error, run.finished_at = "failed", PROCESS_GONE, utcnow()
         run.runner_pid = run.runner_start = run.sandbox_pid = run.sandbox_start = None
         session.flush()
+
+
+#: Public names the run queue uses.
+check_alive = _check_alive
+process_alive = _alive
+kill_process = _kill
+
+
+def home_path(home: MedZoneHome, run) -> Path:
+    """The host path of *run*'s executed notebook."""
+    return home.homes_dir / run.user.name / run.output
 
 
 def list_runs(session, user: str | None = None, state: str | None = None) -> list:

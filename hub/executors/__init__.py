@@ -46,8 +46,10 @@ The interface (stable: every executor implements exactly this)::
 
 :func:`get_executor` makes one by name: ``local`` (:mod:`medzone_hub.executors.local`,
 the default) and ``slurm`` (:mod:`medzone_hub.executors.slurm`), each imported only when
-asked for; keyword arguments go to the executor's constructor (e.g. ``config=`` for its
-traitlets section).
+asked for; keyword arguments go to the executor's constructor, which takes at least
+``config=`` (the hub's traitlets ``Config``, where it reads its own section, e.g.
+``c.SlurmExecutor.partition``; ``None``: defaults) and ``sandbox_config=`` (the zone's
+:class:`~medzone_hub.sandbox.SandboxConfig`; ``None``: defaults).
 """
 
 from __future__ import annotations
