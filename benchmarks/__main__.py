@@ -6,13 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_ingest, bench_login, bench_queue, bench_screen, bench_spawn, bench_volume
+from . import bench_ingest, bench_login, bench_screen, bench_spawn, bench_volume, eval_screen
 from . import bench_screen_text
+from . import bench_queue
 
 BENCHMARKS = {"ingest": bench_ingest.run, "login": bench_login.run, "screen": bench_screen.run,
-              "spawn": bench_spawn.run, "volume": bench_volume.run}
-BENCHMARKS["queue"] = bench_queue.run  # the run queue: overhead and round-robin throughput
+              "spawn": bench_spawn.run, "volume": bench_volume.run,
+              "eval_screen": eval_screen.run}
 BENCHMARKS["screen_text"] = bench_screen_text.run  # text rules against a naive regex
+BENCHMARKS["queue"] = bench_queue.run  # the run queue: overhead and round-robin throughput
 
 
 def main(argv: list[str]) -> int:
