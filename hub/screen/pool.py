@@ -5,7 +5,9 @@ The screen's own pool (``ScreenConfig.workers``) forks, which is only safe from 
 main thread; the hub's API and the portal screen in executor threads. This pool starts its
 processes with ``spawn`` (a fresh interpreter: no lock of another thread is copied), when a
 screen first needs them, and keeps them until :meth:`ScreenPool.shutdown`. A worker also
-exits when the process that started it is gone.
+exits when the process that started it is gone. As with any ``spawn`` pool, a program
+run as a script file must keep its work under ``if __name__ == "__main__":`` (a worker
+imports the main module again); ``python -m`` modules and console scripts are fine.
 
 What a worker needs to check images (the settings and the screening indexes, several MB
 of fingerprints) is pickled once per screen to a private file and loaded once per worker;
