@@ -27,6 +27,7 @@ from .config import MedZoneHome, resolve_home
 from .db import open_store
 from .demodata import generate_cohort
 from .errors import IngestRefused, InvalidInput, MedZoneError
+from .executors.slurm import execute_job, job_sandbox_config
 from .hubapp import run_hub
 from .hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
 from .indexes import load_indexes
@@ -336,6 +337,14 @@ def cmd_runs_show(args, home: MedZoneHome) -> int:
 def cmd_runs_cancel(args, home: MedZoneHome) -> int:
     run = cancel_queued_run(home, open_store(home), _run_id(args.id), default_actor())
     print(f"run {run.id} of {run.template} by {run.user.name}: cancelled")
+    return 0
+
+
+def cmd_runs_execute(args, home: MedZoneHome) -> int:
+    # A Slurm job's command (not for people): execute the job's queued run on this node,
+    # with the sandbox settings the submitter gave it (else the hub config file's).
+    config = job_sandbox_config() or sandbox_config(load_hub_config(args.hub_config, home))
+    print(execute_job(home, open_store(home), _run_id(args.id), config=config).notebook)
     return 0
 
 
@@ -723,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc = runs.add_parser("cancel", help="stop a queued or running run")
     rc.add_argument("id")
     rc.set_defaults(func=cmd_runs_cancel)
+    # Hidden (no help): what a Slurm job runs.
+    rx = runs.add_parser("execute")
+    rx.add_argument("id")
+    _add_hub_config(rx)
+    rx.set_defaults(func=cmd_runs_execute)
 
     hub = sub.add_parser("hub", help="run JupyterHub with MedZone's config (foreground)")
     hub.add_argument("--ip", default="127.0.0.1")
