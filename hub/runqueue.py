@@ -613,6 +613,30 @@ def run_here(home: MedZoneHome, store, run_id: int, *, settings: RunQueue | None
         time.sleep(settings.poll_interval)
 
 
+def wait_started(store, run_id: int, *, settings: RunQueue | None = None,
+                 timeout: float = 10.0) -> str:
+    """Wait, at most *timeout* seconds, while queued run *run_id* is about to start (claimed,
+    or due a slot now); return at once when it waits its turn behind others. Its state
+    then (what a page shows right after a run was asked for)."""
+    settings = settings or queue_settings()
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.session() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id}")
+            state, claimed = run.state, run.executor_job is not None
+            view = queue_view(session) if not claimed else None
+        if state != "queued" or time.monotonic() > deadline:
+            return state
+        if view is not None and run_id not in schedule(
+                view.waiting, view.active, slots=settings.slots,
+                per_user=settings.per_user_limit, free_gpus=None,
+                last_served=view.last_served):
+            return state
+        time.sleep(0.05)
+
+
 def wait(home: MedZoneHome, store, run_id: int, *, poll_interval: float = 0.2,
          on_progress: Callable[[dict[str, Any]], None] | None = None) -> Run:
     """Wait until run *run_id* ends; its final row. *on_progress* gets the run's state,
@@ -674,4 +698,4 @@ def outcome(home: MedZoneHome, run: Run):
 __all__ = ["Entry", "GPU_NEEDS", "QueueView", "RunQueue", "Worker", "cancel", "claim",
            "describe", "enqueue", "outcome", "positions", "queue_positions", "queue_settings",
            "queue_view", "recover", "run_here", "run_needs", "schedule",
-           "stop_run", "template_needs", "wait", "worker_pid"]
+           "stop_run", "template_needs", "wait", "wait_started", "worker_pid"]

@@ -37,7 +37,8 @@ require_hub_tools()
 
 from medzone_hub import access, accounts, airlock, audit  # noqa: E402
 from medzone_hub.accounts import set_password  # noqa: E402
-from medzone_hub.runner import TEMPLATES_DIR  # noqa: E402
+from medzone_hub.runner import TEMPLATES_DIR, find_run  # noqa: E402
+from medzone_hub.sandbox import proc_start_time  # noqa: E402
 
 #: Small pages, so a handful of rows already paginates.
 PAGE_SIZE = 3
@@ -607,7 +608,13 @@ def test_runs_are_read_from_their_folders_so_a_restarted_portal_shows_them(hub, 
                       180, step=0.5)
     assert status and status["state"] == "running" and status["cells_done"] == 2, status
 
-    hub.restart_portal()  # the run's sandbox dies with the portal that started it
+    hub.restart_portal()
+    # The hub's worker executes the run, not the portal: it outlives the portal's restart.
+    assert _run_status(bob, waiting)["state"] == "running"
+    with hub.store.session() as session:
+        run = find_run(session, "bob", f"runs/{waiting}")
+    os.kill(run.runner_pid, 9)  # the process executing it dies: the run is interrupted
+    wait_for(lambda: proc_start_time(run.sandbox_pid) != run.sandbox_start, 60, step=0.2)
 
     page = bob.get(f"runs/{finished}")
     assert page.status_code == 200

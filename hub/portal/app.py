@@ -28,6 +28,7 @@ from ..accounts import hub_db_factory
 from ..db import open_store
 from ..logs import log_to_stderr
 from ..hubconfig import export_limits, load_hub_config, sandbox_config, screen_config
+from ..runqueue import queue_settings
 from ..screen.pool import ScreenPool
 from . import SERVICE_NAME, access_pages, audit_page, export_pages, run_pages, usage_pages
 from .runs import RunTracker
@@ -50,6 +51,8 @@ class Portal:
     templates_dir: str | None = None
     page_size: int = 25
     runs: object = field(default=None)
+    #: How runs are queued (:class:`medzone_hub.runqueue.RunQueue`, the hub config's section).
+    queue_settings: object = None
     #: Export size limits (:class:`medzone_hub.airlock.ExportLimits`; the hub config's
     #: ``ExportLimits`` section).
     export_limits: object = None
@@ -167,6 +170,7 @@ class PortalApp(Application):
                         sandbox_config=sandbox_config(self.config),
                         templates_dir=self.templates_dir or None, page_size=self.page_size)
         portal.runs = RunTracker(portal)
+        portal.queue_settings = queue_settings(self.config)
         portal.export_limits = export_limits(self.config)
         portal.screen_config = screen_config(self.config)
         portal.screen_pool = ScreenPool(portal.screen_config.workers)

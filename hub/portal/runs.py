@@ -1,8 +1,10 @@
 """Template runs as the portal shows them: started, listed and read through the runner.
 
-A run is started with :func:`medzone_hub.runner.prepare_run` (its checks, run folder and
-store row, before the page answers) and executed by
-:func:`medzone_hub.runner.execute_run` in a background thread. Everything a run's page
+A run is queued with :func:`medzone_hub.runqueue.enqueue` (the runner's checks, run folder
+and store row, before the page answers); the worker the hub manages starts it when its
+turn comes (so a run outlives a restart of the portal), or, in a zone configured without
+one (``c.RunQueue.start_worker = False``), a background thread here waits for a free slot
+and executes it (:func:`medzone_hub.runqueue.run_here`). Everything a run's page
 shows comes from the store (:func:`medzone_hub.runner.find_run`: state, error,
 parameters) and from its executed notebook (:func:`medzone_hub.runner.run_progress`, which
 reads the home through :mod:`medzone_hub.homefs`), so a restarted portal shows the runs
@@ -22,7 +24,7 @@ from typing import Any
 
 from tornado import web
 
-from .. import runner
+from .. import runner, runqueue
 from ..errors import MedZoneError
 
 log = logging.getLogger(__name__)
@@ -52,17 +54,28 @@ class RunTracker:
         """Prepare *template*'s run for *user*, execute it in the background, and return its
         run folder's name. A refusal (an ungranted dataset, say) is raised here. Blocks
         while the run is prepared (call it off the IOLoop)."""
-        run = runner.prepare_run(
+        run = runqueue.enqueue(
             self.portal.home, self.portal.store, user, template, parameters,
-            templates_dir=self.portal.templates_dir, config=self.portal.sandbox_config)
-        threading.Thread(target=self._execute, args=(run.id,), daemon=True,
-                         name=f"run-{run.id}").start()
+            settings=self._settings(), templates_dir=self.portal.templates_dir,
+            config=self.portal.sandbox_config)
+        if not getattr(self.portal, "queue_settings", None) or \
+                not self.portal.queue_settings.start_worker:
+            # No worker of the hub's: this portal executes the run when a slot is free.
+            threading.Thread(target=self._execute, args=(run.id,), daemon=True,
+                             name=f"run-{run.id}").start()
+        else:
+            # The page answers once the worker has started it, unless it waits its turn.
+            runqueue.wait_started(self.portal.store, run.id, settings=self._settings())
         return PurePosixPath(run.run_dir).name
+
+    def _settings(self):
+        return getattr(self.portal, "queue_settings", None) or runqueue.queue_settings()
 
     def _execute(self, run_id: int) -> None:
         try:
-            runner.execute_run(self.portal.home, self.portal.store, run_id,
-                               config=self.portal.sandbox_config)
+            # Returns at once when the zone's worker takes the run.
+            runqueue.run_here(self.portal.home, self.portal.store, run_id,
+                              settings=self._settings(), config=self.portal.sandbox_config)
         except MedZoneError as err:  # recorded in the run's row; RunFailed names the cell
             log.info("run %s: %s", run_id, err)
         except Exception:  # noqa: BLE001 - a run thread must never die silently
@@ -77,12 +90,15 @@ class RunTracker:
 
     def cancel(self, user: str, name: str) -> None:
         with self.portal.store.session() as session:
-            runner.cancel_run(session, self.find(session, user, name).id, user)
+            run_id = self.find(session, user, name).id
+        runqueue.cancel(self.portal.home, self.portal.store, run_id, user)
 
     def progress(self, user: str, name: str) -> dict[str, Any]:
         """What a run's page shows: the store's row and how far its notebook got."""
         with self.portal.store.session() as session:
             run = self.find(session, user, name)
+            position = (runqueue.queue_positions(session).get(run.id)
+                        if run.state == "queued" else None)
         progress = runner.run_progress(self.portal.home, run)
         state = SHOWN_STATES[run.state]
         if run.state == "failed" and run.error == runner.PROCESS_GONE:
@@ -95,4 +111,5 @@ class RunTracker:
             "notebook": run.output if progress["notebook"] else None,
             "parameters": run.parameters if isinstance(run.parameters, dict) else {},
             "cancellable": run.state in ("queued", "running"),
+            "position": position,
         }
