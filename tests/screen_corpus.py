@@ -247,7 +247,7 @@ def build_cases(dataset_root: Path, other_cohort_root: Path, work: Path) -> list
                                           _png(cmap)).decode()}}}]), "block", IM,
         "an X-ray as an RGB PNG attachment")
     fig = _figure(lambda ax: ax.imshow(hu, cmap="gray", vmin=-1000, vmax=400))
-    add("figure-axes.png", fig, "review", IM, "a dataset slice drawn inside matplotlib axes")
+    add("figure-axes.png", fig, "block", IM, "a dataset slice drawn inside matplotlib axes")
     add("soft-tissue.png", _png(_window(hu, -160, 240)), "block", IM,
         "a soft-tissue window (40/400 HU) of a slice: lungs and air clipped")
     add("viridis.ipynb", _nb([_code("plt.imsave(buf, hu, cmap='viridis')", [_display({

@@ -15,24 +15,12 @@ try:  # optional: decode PNGs without Pillow's zlib (see _decode_png); Pillow do
     from zlib_ng import zlib_ng
 except ImportError:  # pragma: no cover - the screen works (slower) with Pillow alone
     pyspng = zlib_ng = None
-from scipy import ndimage
 
 from .model import BLOCK, REVIEW, RULE_DATASET_IMAGE, RULE_MALFORMED, Collector
+from .regions import find_regions, region_pixels
 
 #: Images larger than this many pixels are not decoded (they are flagged for review).
 MAX_PIXELS = 64_000_000
-_MIN_SIDE = 32
-#: A pixel darker than this fraction of the figure's background is "ink".
-_INK = 0.94
-#: An image drawn in a figure is a box of ink this full (axes, lines and text are not).
-_MIN_FILL = 0.8
-_MAX_AREAS = 3
-_FRAME = 1  # the axes' frame line, cropped off
-#: Drawn into axes, an image is resampled and framed, which costs some of the detail that
-#: confirms a copy: inside a figure, candidates are confirmed this far below the index's
-#: thresholds. Measured with axes and a colour bar: copies of CT slices reach 0.69 and of
-#: X-rays 0.85 (thresholds 0.66 and 0.85), other patients' images 0.42 and 0.73.
-FIGURE_LEEWAY = 0.05
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -130,49 +118,6 @@ def _decode_pillow(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
-def _plot_areas(arr: np.ndarray) -> list[np.ndarray]:
-    """Images drawn inside a figure: the largest boxes of ink (non-background pixels) that
-    fill their bounding box, each cropped inside its frame; largest first."""
-    gray = arr if arr.ndim == 2 else arr[..., 0]
-    step = 4 if min(gray.shape) >= 8 * _MIN_SIDE else 1
-    small = gray[::step, ::step]
-    top = small.max()
-    if top <= 0:
-        return []
-    ink = small < _INK * top
-    labels, _ = ndimage.label(ink)
-    found = []
-    for label, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        rows, cols = box
-        h, w = rows.stop - rows.start, cols.stop - cols.start
-        if min(h, w) * step < _MIN_SIDE:
-            continue
-        if np.count_nonzero(labels[box] == label) < _MIN_FILL * h * w:
-            continue  # lines, text, a frame of axes
-        crop = _refine(gray, arr, rows.start * step, rows.stop * step,
-                       cols.start * step, cols.stop * step, step, _INK * top)
-        if crop is not None and crop.shape[0] * crop.shape[1] < 0.9 * gray.size:
-            found.append(crop)
-    found.sort(key=lambda c: -c.shape[0] * c.shape[1])
-    return found[:_MAX_AREAS]
-
-
-def _refine(gray, arr, r0, r1, c0, c1, step, threshold) -> np.ndarray | None:
-    """The box's edges at full resolution (rows and columns mostly ink), less its frame."""
-    r0, c0 = max(0, r0 - step), max(0, c0 - step)
-    r1, c1 = min(gray.shape[0], r1 + step), min(gray.shape[1], c1 + step)
-    window = gray[r0:r1, c0:c1] < threshold
-    rr = np.flatnonzero(np.count_nonzero(window, axis=1) > 0.5 * (c1 - c0))
-    cc = np.flatnonzero(np.count_nonzero(window, axis=0) > 0.5 * (r1 - r0))
-    if rr.size < _MIN_SIDE or cc.size < _MIN_SIDE:
-        return None
-    r0, r1, c0, c1 = r0 + rr[0], r0 + rr[-1] + 1, c0 + cc[0], c0 + cc[-1] + 1
-    crop = arr[r0 + _FRAME:r1 - _FRAME, c0 + _FRAME:c1 - _FRAME]
-    return crop if min(crop.shape[:2]) >= _MIN_SIDE else None
-
-
 def check_image(data: bytes, col: Collector, location: str) -> None:
     indexes = [ix for ix in col.indexes if getattr(ix, "counts", {}).get("images", 1)]
     if not indexes:
@@ -194,9 +139,69 @@ def check_image(data: bytes, col: Collector, location: str) -> None:
             col.add(RULE_DATASET_IMAGE, BLOCK, location,
                     f"a copy of a dataset image ({best.ref}; {how})")
             return
-    for crop in _plot_areas(arr):
+    check_figure(arr, col, location, indexes)
+
+
+#: A region whose best candidate falls short of a bare copy's threshold by at most this
+#: much has its edges moved pixel by pixel (an image drawn into axes is resampled to a
+#: fractional pixel extent, and its frame hides where it ends: one pixel off costs a copy
+#: up to 0.3 of detail correlation); farther off, it is an unrelated picture.
+NUDGE_FROM = 0.45
+
+
+def check_figure(arr: np.ndarray, col: Collector, location: str, indexes) -> None:
+    """The images drawn inside a figure (panels, insets, montage tiles: see
+    :mod:`.regions`), each against the fingerprints. A region whose detail correlation with
+    an indexed image comes within ``figure_block_leeway`` of what confirms a bare copy
+    blocks; within ``figure_review_leeway``, the figure is reviewed."""
+    cfg = col.config
+    review = False
+    for region in find_regions(arr, max_regions=cfg.max_figure_regions):
         for ix in indexes:
-            if ix.image_candidates(crop, leeway=FIGURE_LEEWAY):
-                col.add(RULE_DATASET_IMAGE, REVIEW, location,
-                        "a figure that draws a dataset image inside axes")
+            shortfall, cand = _closest(ix, arr, region, cfg.figure_block_leeway)
+            if cand is not None and shortfall <= cfg.figure_block_leeway:
+                col.add(RULE_DATASET_IMAGE, BLOCK, location,
+                        f"a figure that draws a dataset image ({cand.ref}; "
+                        f"detail correlation {cand.detail_correlation:.2f})")
                 return
+            review = review or shortfall <= cfg.figure_review_leeway
+    if review:
+        col.add(RULE_DATASET_IMAGE, REVIEW, location,
+                "a figure that draws what may be a dataset image")
+
+
+def _shortfall(ix, pixels: np.ndarray):
+    """How far the best candidate's detail correlation is below its threshold (≤ 0: as
+    strong as a bare copy), and that candidate; (inf, None) without candidates."""
+    best = (float("inf"), None)
+    for cand in ix.image_candidates(pixels, min_detail_correlation=-1.0):
+        shortfall = -1.0 if cand.exact else cand.threshold - cand.detail_correlation
+        if shortfall < best[0]:
+            best = (shortfall, cand)
+    return best
+
+
+def _closest(ix, arr: np.ndarray, region, enough: float):
+    """:func:`_shortfall` of a region, its edges moved by a pixel at a time (each side,
+    in or out, twice round) while that brings it closer, when it is near enough to try."""
+    best = _shortfall(ix, region.pixels)
+    if region.tile is not None or region.sampled or not best[0] <= NUDGE_FROM:
+        return best
+    edges = [region.top, region.bottom, region.left, region.right]
+    limits = [arr.shape[0], arr.shape[0], arr.shape[1], arr.shape[1]]
+    for _ in range(2):
+        moved = False
+        for side in range(4):
+            for step in (-1, 1):
+                trial = list(edges)
+                trial[side] += step
+                if not 0 <= trial[side] <= limits[side]:
+                    continue
+                found = _shortfall(ix, region_pixels(arr, *trial)[0])
+                if found[0] < best[0]:
+                    best, edges, moved = found, trial, True
+                    if best[0] <= enough:
+                        return best
+        if not moved:
+            break
+    return best

@@ -348,6 +348,7 @@ class ImageCandidate:
     correlation: float  # rank correlation of the fine thumbnails (unclipped cells)
     detail_correlation: float  # of their detail: what tells two patients apart
     exact: bool = False
+    threshold: float = 0.0  # the detail correlation that confirms a copy of this image
 
 
 # --- building --------------------------------------------------------------------------
@@ -662,9 +663,10 @@ class ScreeningIndex:
     def _confirm(self, i: int, orientations: list[int], query: _Query) -> ImageCandidate:
         stored = self._fine[i].astype(np.float64)
         detail_of_query = query.detail(stored.shape[0])
-        best = ImageCandidate(self._refs[i], 0.0, -1.0)
+        threshold = detail_threshold(stored.shape[0])
+        best = ImageCandidate(self._refs[i], 0.0, -1.0, threshold=threshold)
         for k in orientations:
             plain, detail = _compare(detail_of_query, k, stored)
             if detail > best.detail_correlation:
-                best = ImageCandidate(self._refs[i], plain, detail)
+                best = ImageCandidate(self._refs[i], plain, detail, threshold=threshold)
         return best

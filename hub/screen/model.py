@@ -125,6 +125,10 @@ class ScreenConfig:
                                       "ipynb", "md", "pdf")
     # images drawn inside a figure (panels, insets, montage tiles) compared per figure
     max_figure_regions: int = 24
+    # … which block when their detail correlation with an indexed image is at most this
+    # far below what confirms a bare copy, and are reviewed within the second leeway
+    figure_block_leeway: float = 0.0
+    figure_review_leeway: float = 0.02
     # image checks of one file in parallel (forked processes); findings keep their order
     workers: int = 0  # processes; 0: os.cpu_count(); 1: never a pool
     parallel_min_bytes: int = 2 * MB  # a file's images start a pool once they hold this much
