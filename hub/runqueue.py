@@ -339,6 +339,21 @@ def recover(store, executors: dict[str, Executor] | None = None) -> dict[str, li
     ``requeued`` (claimed by a process that died before starting them), ``failed`` (their
     process or job is gone) and ``timed_out`` (stopped at their time limit)."""
     found: dict[str, list[int]] = {"requeued": [], "failed": [], "timed_out": []}
+    # Other executors are asked about their jobs first, outside the transaction below (a
+    # Slurm query takes a while; a SQLite store is locked while a session writes).
+    polled: dict[int, tuple[str, str | None]] = {}
+    if executors:
+        with store.session() as session:
+            jobs = list(session.scalars(select(Run).where(
+                Run.state.in_(("queued", "running")), Run.executor_job.is_not(None))))
+        for run in jobs:
+            if run.executor in executors and marker_alive(run.executor_job) is None:
+                polled[run.id] = (run.executor_job, executors[run.executor].poll(run))
+
+    def poll(run) -> str | None:
+        job, seen = polled.get(run.id, (None, "running"))
+        return seen if job == run.executor_job else "running"  # changed since: next time
+
     now = utcnow()
     with store.session() as session:
         rows = list(session.scalars(select(Run).where(Run.state.in_(("queued", "running")))
@@ -350,7 +365,7 @@ def recover(store, executors: dict[str, Executor] | None = None) -> dict[str, li
                     run.executor_job, run.claimed_at = None, None
                     found["requeued"].append(run.id)
                 elif alive is None and executors and run.executor in executors:
-                    seen = executors[run.executor].poll(run)
+                    seen = poll(run)
                     if seen in (None, "done", "failed"):
                         run.state, run.finished_at = "failed", now
                         run.error = (f"the {run.executor} job {run.executor_job} ended before "
@@ -365,7 +380,7 @@ def recover(store, executors: dict[str, Executor] | None = None) -> dict[str, li
                     continue
                 job = run.executor_job
                 if executors and run.executor in executors and job and marker_alive(job) is None:
-                    seen = executors[run.executor].poll(run)
+                    seen = poll(run)
                     if seen in (None, "done", "failed"):
                         # Its job ended without the run recording an outcome (killed, its
                         # node lost): the executor's word on the job is the reason.
