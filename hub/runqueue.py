@@ -629,10 +629,11 @@ def run_here(home: MedZoneHome, store, run_id: int, *, settings: RunQueue | None
 
 
 def wait_started(store, run_id: int, *, settings: RunQueue | None = None,
-                 timeout: float = 10.0) -> str:
+                 timeout: float = 10.0, home: MedZoneHome | None = None) -> str:
     """Wait, at most *timeout* seconds, while queued run *run_id* is about to start (claimed,
-    or due a slot now); return at once when it waits its turn behind others. Its state
-    then (what a page shows right after a run was asked for)."""
+    or due a slot now); return at once when it waits its turn behind others, or when no
+    worker runs for zone *home* (given). Its state then (what a page shows right after a
+    run was asked for)."""
     settings = settings or queue_settings()
     deadline = time.monotonic() + timeout
     while True:
@@ -643,6 +644,8 @@ def wait_started(store, run_id: int, *, settings: RunQueue | None = None,
             state, claimed = run.state, run.executor_job is not None
             view = queue_view(session) if not claimed else None
         if state != "queued" or time.monotonic() > deadline:
+            return state
+        if not claimed and home is not None and worker_pid(home) is None:
             return state
         if view is not None and run_id not in schedule(
                 view.waiting, view.active, slots=settings.slots,

@@ -423,3 +423,30 @@ def test_without_a_worker_run_waits_its_turn_then_executes_itself(zone, template
 def _runs(zone, state: str) -> list:  # noqa: F811
     with zone.store.session() as session:
         return runner.list_runs(session, state=state)
+
+
+def test_the_portal_shows_a_queued_runs_place_and_lets_its_owner_cancel_it(zone, templates):  # noqa: F811
+    from pathlib import PurePosixPath
+
+    from medzone_hub.portal.runs import RunTracker
+
+    _clear_queue(zone)
+
+    class PortalState:  # a portal whose hub runs the worker (none runs here: it stays queued)
+        home = zone.home
+        store = zone.store
+        templates_dir = None
+        sandbox_config = None
+        queue_settings = RunQueue(start_worker=True)
+
+    tracker = RunTracker(PortalState())
+    first = tracker.start("bob", str(templates["tiny"]), [])
+    second = tracker.start("alice", str(templates["tiny"]), [])
+    shown = [tracker.progress("bob", first), tracker.progress("alice", second)]
+    assert [(p["state"], p["position"], p["cancellable"]) for p in shown] == [
+        ("queued", 1, True), ("queued", 2, True)] or [p["position"] for p in shown] == [2, 1]
+    tracker.cancel("bob", first)
+    assert tracker.progress("bob", first)["state"] == "cancelled"
+    assert tracker.progress("alice", second)["position"] == 1
+    tracker.cancel("alice", second)
+    assert PurePosixPath(first).name.endswith("-tiny")

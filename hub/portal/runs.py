@@ -65,7 +65,8 @@ class RunTracker:
                              name=f"run-{run.id}").start()
         else:
             # The page answers once the worker has started it, unless it waits its turn.
-            runqueue.wait_started(self.portal.store, run.id, settings=self._settings())
+            runqueue.wait_started(self.portal.store, run.id, settings=self._settings(),
+                                  home=self.portal.home)
         return PurePosixPath(run.run_dir).name
 
     def _settings(self):
