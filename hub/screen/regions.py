@@ -78,7 +78,7 @@ def background(gray: np.ndarray) -> tuple[float, float]:
 
 
 def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
-    """Image-like regions of a figure, largest first (montage tiles after their montage);
+    """Image-like regions of a figure, largest first, then the tiles of montages;
     at most ``max_regions``. The whole canvas is never one of them (the caller checks the
     whole image itself) unless it is a montage, whose tiles are returned."""
     gray = _grey(image)
@@ -114,6 +114,7 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
             if edges is not None:
                 boxes.append(edges)
     out: list[Region] = []
+    tiles: list[Region] = []
     for top, bottom, left, right in sorted(boxes, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2])):
         pixels, sampled = region_pixels(gray, top, bottom, left, right)
         if min(pixels.shape) < MIN_SIDE or _texture(pixels) < MIN_TEXTURE:
@@ -121,10 +122,9 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
         whole = (bottom - top, right - left) == (h, w)
         if not whole:
             out.append(Region(top, bottom, left, right, pixels, sampled=sampled))
-        out += _tiles(pixels, top, bottom, left, right)
-        if len(out) >= max_regions:
-            break
-    return out[:max_regions]
+        tiles += _tiles(pixels, top, bottom, left, right)
+    # Every panel before any montage tile: a grid's last panel is never crowded out.
+    return (out + tiles)[:max_regions]
 
 
 def region_pixels(image: np.ndarray, top: int, bottom: int, left: int, right: int
@@ -159,7 +159,7 @@ def _frame_around(gray, bg, tolerance, top, bottom, left, right):
     nearest lines, on all four sides, that run across the whole region; the region as it
     is when there is no such frame (``axis("off")``)."""
     h, w = gray.shape
-    reach_v, reach_h = max(8, (bottom - top) // 2), max(8, (right - left) // 2)
+    reach_v, reach_h = max(8, bottom - top), max(8, right - left)
 
     def find(block, axis, outward_first):
         """How far out the first line lies that runs across the region, with no more
@@ -311,6 +311,8 @@ def _tiles(pixels, top, bottom, left, right) -> list[Region]:
     # The finest grid that repeats: a 4×4 montage also repeats every 2 tiles.
     k, m = max(down), max(across)
     h, w = pixels.shape
+    if not 0.6 <= (h / k) / (w / m) <= 1 / 0.6:
+        return []  # slices are not slivers: an image's own profile repeating by chance
     out = []
     for i in range(k):
         for j in range(m):
