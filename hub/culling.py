@@ -12,18 +12,13 @@ audit log records ``sandbox.stop``. The home is a folder on the host: nothing in
 lost. A template run is not a server (runs are sandboxes of their own, started by the run
 queue), so it is never culled, however long it takes.
 
-The service is started as ``python -m medzone_hub.culling --hub-config FILE``: it reads
+The service is started as ``python -m medzone_hub.culler_service --hub-config FILE``: it reads
 the settings from the hub config (:func:`medzone_hub.hubconfig.load_hub_config`, the
 file every face reads, so a config that loads the default one and sets
 ``c.IdleCuller.timeout`` after it is obeyed) and then becomes the culler.
 """
 
 from __future__ import annotations
-
-import argparse
-import os
-import signal
-import sys
 
 from traitlets import Bool, Integer
 from traitlets.config import Configurable
@@ -81,7 +76,7 @@ def service(python: str, hub_config: str, api_url: str, environment: dict) -> di
     """The hub-managed service entry."""
     return {
         "name": SERVICE_NAME,
-        "command": [python, "-m", "medzone_hub.culling", "--hub-config", hub_config,
+        "command": [python, "-m", "medzone_hub.culler_service", "--hub-config", hub_config,
                     "--api-url", api_url],
         "environment": dict(environment),
     }
@@ -89,33 +84,3 @@ def service(python: str, hub_config: str, api_url: str, environment: dict) -> di
 
 def role() -> dict:
     return {"name": SERVICE_NAME, "scopes": list(SCOPES), "services": [SERVICE_NAME]}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medzone_hub.culling")
-    parser.add_argument("--hub-config", required=True)
-    parser.add_argument("--api-url", required=True)
-    args = parser.parse_args(argv)
-    from .errors import MedZoneError
-    from .hubconfig import load_hub_config
-
-    try:
-        culler = IdleCuller(config=load_hub_config(args.hub_config))
-    except MedZoneError as err:
-        sys.exit(f"medzone-idle-culler: {err}")
-    if not culler.enabled:
-        # Switched off after the service was declared: stay up (the hub would restart an
-        # exited service) and cull nothing.
-        print("medzone-idle-culler: c.IdleCuller.enabled is False: culling nothing",
-              file=sys.stderr, flush=True)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-        return
-    print(f"medzone-idle-culler: timeout {culler.timeout} s, every {culler.cull_every} s, "
-          f"max age {culler.max_age or 'none'}", file=sys.stderr, flush=True)
-    python = sys.executable
-    os.execv(python, [python, "-m", "jupyterhub_idle_culler", *culler.culler_args(args.api_url)])
-
-
-if __name__ == "__main__":
-    main()

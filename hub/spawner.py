@@ -52,10 +52,12 @@ from medzone_kernel import contract
 
 from . import access, audit, onboarding, sandbox, sessions, spawn_profiles, usage
 from .config import MedZoneHome, resolve_home
+from .culling import IdleCuller
 from .db import open_store
 from .errors import Conflict, InvalidInput, MedZoneError, NotFound, RuleViolation
 from .homefs import UserHome
 from .hubapp import MAX_SOCKET_PATH, HubPaths, unix_url
+from .sandbox.resources import GPU_REGISTRY_NAME, nvidia_support_nodes
 
 #: The path the server's socket has inside the sandbox: a name only (the server is handed
 #: the socket already bound, as a descriptor; no such file exists inside).
@@ -509,8 +511,6 @@ class SafeZoneSpawner(Spawner):
         :func:`~medzone_hub.sandbox.reserve_gpu` for /dev)."""
         if self.gpu_device_dir in ("", "/dev"):
             return {}
-        from .sandbox.resources import nvidia_support_nodes
-
         return {"gpus": sandbox.detect_gpus(self.gpu_device_dir),
                 "support_nodes": nvidia_support_nodes(self.gpu_device_dir)}
 
@@ -577,10 +577,8 @@ class SafeZoneSpawner(Spawner):
                                               self.shared_gpu_sessions)
 
     def _profile_choices(self, policy) -> list:
-        from .culling import IdleCuller
-
         culler = IdleCuller(config=self.config)
-        registry = (policy.state_dir / sandbox.resources.GPU_REGISTRY_NAME
+        registry = (policy.state_dir / GPU_REGISTRY_NAME
                     if policy.state_dir else None)
         return spawn_profiles.choices(
             self._inventory(), gpu_allowed=policy.gpu_allowed,
