@@ -570,7 +570,11 @@ class SafeZoneSpawner(Spawner):
         if not gpus:
             slices = []
         elif self.mig_slices:
-            slices = [spawn_profiles.MigSlice(**d) for d in self.mig_slices]
+            try:
+                slices = [spawn_profiles.MigSlice(**d) for d in self.mig_slices]
+            except TypeError as err:
+                raise InvalidInput(f"c.SafeZoneSpawner.mig_slices: {err} (each slice is "
+                                   "{'parent': N, 'uuid': 'MIG-…', 'name': …, 'slot': N})") from None
         else:
             slices = spawn_profiles.detect_mig_slices()
         return spawn_profiles.Inventory.build(gpus, slices, self.shared_gpu_indices,
