@@ -419,11 +419,32 @@ def text_rules(nb: dict, indexes) -> dict:
         t = time.process_time()
         sum(1 for _ in NAIVE_RE.finditer(text))
         naive.append(time.process_time() - t)
+    # Each half alone over the same calls, a fresh probe (as a screen starts with) each time.
+    from medzone_hub.screen import text as text_rules_module
+    from medzone_hub.screen.model import Collector
+
+    def half(scan) -> float:
+        times = []
+        for _ in range(REPEATS):
+            probe = text_rules_module.IndexProbe(indexes)
+            col = Collector(ScreenConfig(), indexes)
+            t = time.process_time()
+            for piece in pieces:
+                scan(piece, probe, col)
+            times.append(time.process_time() - t)
+        return statistics.median(times)
+
+    dataset_s = half(lambda piece, probe, col: text_rules_module.scan_dataset_identifiers(
+        piece, probe, col, "text"))
+    direct_s = half(lambda piece, probe, col: text_rules_module.scan_direct_identifiers(
+        piece, col, "text", memo=probe.memo))
     mb = len(text.encode()) / 1e6
     rules_s, naive_s = statistics.median(rules), statistics.median(naive)
     return {"text_mb": round(mb, 2), "calls": len(pieces),
             "text_rules_mb_s": round(mb / rules_s, 1), "naive_regex_mb_s": round(mb / naive_s, 1),
-            "text_rules_to_naive": round(naive_s / rules_s, 2)}
+            "text_rules_to_naive": round(naive_s / rules_s, 2),
+            "dataset_identifiers_mb_s": round(mb / dataset_s, 1),
+            "direct_identifiers_mb_s": round(mb / direct_s, 1)}
 
 def run() -> dict:
     from medzone_hub.config import MedZoneHome

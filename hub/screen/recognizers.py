@@ -435,14 +435,40 @@ def _without_overlaps(matches: list[IdentifierMatch]) -> list[IdentifierMatch]:
     return sorted(chosen, key=lambda m: (m.start, m.end))
 
 
+# Byte classes for ASCII text, to rule recognizers out with substring tests (far faster
+# than a regex pass): digits as 0 and digit separators ([\s.-]) as -, for RRNs and phones;
+# capitals as A, lower-case letters and ' - as a, for names after a context word.
+_DIGIT_CLASSES = bytes(0x30 if chr(i).isdigit() else 0x2D if chr(i).isspace() or chr(i) in ".-"
+                       else 0x78 for i in range(256))
+_NAME_CLASSES = bytes(0x41 if 65 <= i <= 90 else 0x61 if 97 <= i <= 122 or chr(i) in "'-"
+                      else i if chr(i) in ", " else 0x78 for i in range(256))
+
+
+def _cheap_tests(text: str) -> tuple[bool, bool]:
+    """(digits, names): whether an RRN or phone number, and a romanised name after a
+    context word, may be in ``text`` at all. Necessary conditions only: every RRN and phone
+    number holds two digits, an optional separator and four digits (``00-0000`` or
+    ``000000``); every name after a context word holds a letter, an optional comma, a space
+    and a capital."""
+    if not text.isascii():
+        return True, True
+    raw = text.encode("ascii")
+    digits = raw.translate(_DIGIT_CLASSES)
+    names = raw.translate(_NAME_CLASSES)
+    return (b"000000" in digits or b"00-0000" in digits,
+            b"a A" in names or b"A A" in names or b"a, A" in names or b"A, A" in names)
+
+
 def find_identifiers(text: str, *, min_confidence: float = 0.0) -> list[IdentifierMatch]:
     """Every identifier-like span in ``text``, in order, without overlaps."""
     if not text:
         return []
     folded = fold_width(str(text))
-    matches = (_find_rrns(folded) + _find_phones(folded) + _find_emails(folded)
+    digits, names = _cheap_tests(folded)
+    matches = ((_find_rrns(folded) + _find_phones(folded) if digits else [])
+               + _find_emails(folded)
                + _find_birth_dates(folded) + _find_pn_shaped(folded)
-               + _find_hangul_names(folded) + _find_romanised_names(folded))
+               + _find_hangul_names(folded) + (_find_romanised_names(folded) if names else []))
     return [m for m in _without_overlaps(matches) if m.confidence >= min_confidence]
 
 

@@ -7,6 +7,8 @@ import hmac
 import re
 import unicodedata
 
+import numpy as np
+
 from .index import KINDS, MIN_VALUE_CHARS, normalize_identifier
 from .model import BLOCK, REVIEW, RULE_DATASET_IDENTIFIER, RULE_DIRECT_IDENTIFIER, Collector
 from .recognizers import _DATE_IN_TEXT_RE, KIND_DESCRIPTIONS, find_identifiers, parse_date
@@ -39,6 +41,12 @@ class IndexProbe:
             else:
                 self._fast.append(None)
         self._cache: dict[str, str | None] = {}
+        #: Runs (see ``scan_dataset_identifiers``) known to hold no indexed value, per
+        #: ``max_words``: a run seen again (a log's "val_loss", a table's labels) costs a
+        #: set lookup.
+        self.clean_runs: dict[int, set[str]] = {}
+        #: What short texts seen before hold (see ``_MEMO_MAX_CHARS``), for this screen.
+        self.memo: dict[tuple, object] = {}
 
     def __bool__(self) -> bool:
         return bool(self._indexes)
@@ -175,6 +183,114 @@ def _scan_run(offset: int, run: str, kind_of, max_words: int,
             j += 1
 
 
+# ASCII byte classes for finding runs without a regex pass: token characters (letters and
+# digits), one-character gaps (a joiner, a space, a tab), and the first characters of the
+# two-character gaps ("  ", ", ", "; ").
+_TOKEN_BYTES = np.array([chr(i).isascii() and chr(i).isalnum() for i in range(256)])
+_GAP1_BYTES = np.array([chr(i) in "-._/: \t" for i in range(256)])
+_GAP2_FIRST = np.array([chr(i) in " ,;" for i in range(256)])
+#: Texts from this many characters on have their runs found by array operations.
+_ARRAY_RUNS_MIN = 512
+# Every date a candidate is made of holds a four-digit year (six digits alone are skipped)
+# that starts the date (not after a digit or a dot), follows a space (month names), or
+# ends a day and month written with separators; each test is far cheaper than the scan.
+# (Both start with a character set, and so skip fast to where a year may be; the
+# lookbehinds look back from the year.)
+_YEAR_START_RE = re.compile(r"(?:19|20)(?<![\d.]\d\d)\d\d")
+_YEAR_ENDING_RE = re.compile(
+    r"[-./](?:19|20)(?:(?<=\d[-./]\d[-./]\d\d)|(?<=\d[-./]\d\d[-./]\d\d))\d\d")
+
+
+def _may_hold_date(text: str) -> bool:
+    """False when ``text`` holds no date that ``_dates_in`` could yield (a necessary test)."""
+    return ("19" in text or "20" in text) and bool(
+        _YEAR_START_RE.search(text) or _YEAR_ENDING_RE.search(text))
+
+
+def _long_runs(text: str) -> list[str]:
+    """The runs of an ASCII ``text`` (as ``_RUN_RE`` finds them: tokens joined by exactly
+    one gap of ``-._/:``, one or two spaces, a tab, ``, `` or ``; ``) that hold at least
+    ``MIN_VALUE_CHARS`` token characters, found with array operations."""
+    raw = np.frombuffer(b" " + text.encode("ascii") + b"  ", np.uint8)  # (padded)
+    tok = _TOKEN_BYTES[raw]
+    edges = np.flatnonzero(tok[1:] != tok[:-1])  # token i is raw[edges[2i]+1:edges[2i+1]+1]
+    if not edges.size:
+        return []
+    starts, ends = edges[0::2], edges[1::2]  # (text offsets: the padding shifts by one)
+    before = ends[:-1]
+    gap = starts[1:] - before
+    first = raw[before + 1]
+    joined = ((gap == 1) & _GAP1_BYTES[first]) | (
+        (gap == 2) & _GAP2_FIRST[first] & (raw[before + 2] == 0x20))
+    cut = np.flatnonzero(~joined)  # a run ends at token k (and at the last token)
+    tails = np.empty(cut.size + 1, np.intp)
+    tails[:-1], tails[-1] = cut, starts.size - 1
+    heads = np.empty(cut.size + 1, np.intp)
+    heads[0], heads[1:] = 0, cut + 1
+    lengths = ends - starts
+    total = lengths.cumsum()
+    long = np.flatnonzero(total[tails] - total[heads] + lengths[heads] >= MIN_VALUE_CHARS)
+    if not long.size:
+        return []
+    return [text[a:b] for a, b in zip(starts[heads[long]].tolist(), ends[tails[long]].tolist())]
+
+
+def _may_hold_value(value: str) -> bool:
+    """Whether a run is long enough to hold an indexed value (else it is skipped whole)."""
+    if len(value) < 12 and value.isascii():
+        return len(value.translate(_NO_GAPS)) >= MIN_VALUE_CHARS
+    # (casefold may lengthen a word: ß → ss)
+    return len(value) >= MIN_VALUE_CHARS or len(value.casefold()) >= MIN_VALUE_CHARS
+
+
+#: At most this many runs are remembered as clean per screen (then new ones are windowed).
+_CLEAN_RUNS_MAX = 1 << 18
+
+
+def _any_run_hits(text: str, probe: IndexProbe, max_words: int) -> bool:
+    """Whether some run of an ASCII text may hold an indexed value: runs already known to
+    hold none are skipped, the others are windowed once and remembered when clean."""
+    clean = probe.clean_runs.setdefault(max_words, set())
+    runs = _long_runs(text) if len(text) >= _ARRAY_RUNS_MIN else _RUN_RE.findall(text)
+    for value in set(runs).difference(clean):
+        if _may_hold_value(value):
+            found: dict[str, int] = {}
+            _scan_run(0, value, probe.kind, max_words, found)
+            if found:
+                return True
+        if len(clean) < _CLEAN_RUNS_MAX:
+            clean.add(value)
+    return False
+
+
+#: Texts up to this many characters (a cell's source, ``<Figure size …>``, a short table)
+#: are screened once per screen however often they come again; their findings are the
+#: same, at their own location.
+_MEMO_MAX_CHARS = 4096
+
+
+def _dataset_hits(text: str, probe: IndexProbe, max_words: int) -> dict[str, int]:
+    """The first position of each kind of indexed value in an NFKC ``text``."""
+    hits: dict[str, int] = {}
+    # Candidates never cross a break between tokens, so only runs of tokens joined by a
+    # joiner or a space are windowed; a run too short to hold an indexed value is skipped
+    # whole (most numbers and words of a log or a table). An ASCII text whose runs hold
+    # no indexed value (the usual case) is ruled out by the runs seen before and, when
+    # long, by array operations; where one does, the positions come from the scan below.
+    if not text.isascii() or _any_run_hits(text, probe, max_words):
+        for run in _RUN_RE.finditer(text):
+            value = run.group()
+            if _may_hold_value(value):
+                _scan_run(run.start(), value, probe.kind, max_words, hits)
+    for start, _end, candidates in _dates_in(text) if _may_hold_date(text) else ():
+        for c in candidates:
+            kind = probe.kind(c)
+            if kind:
+                hits.setdefault(kind, start)
+                break
+    return hits
+
+
 def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, location: str,
                              *, lines: bool = True) -> None:
     """Block on any screening-index value in ``text`` (case and separators ignored)."""
@@ -183,24 +299,13 @@ def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, locat
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
     max_words = max(1, col.config.max_window_words)
-    hits: dict[str, int] = {}
-    # Candidates never cross a break between tokens, so only runs of tokens joined by a
-    # joiner or a space are windowed; a run too short to hold an indexed value is skipped
-    # whole (most numbers and words of a log or a table).
-    for run in _RUN_RE.finditer(text):
-        value = run.group()
-        if len(value) < 12 and value.isascii():
-            if len(value.translate(_NO_GAPS)) < MIN_VALUE_CHARS:
-                continue
-        elif len(value) < MIN_VALUE_CHARS and len(value.casefold()) < MIN_VALUE_CHARS:
-            continue  # (casefold may lengthen a word: ß → ss)
-        _scan_run(run.start(), value, probe.kind, max_words, hits)
-    for start, _end, candidates in _dates_in(text):
-        for c in candidates:
-            kind = probe.kind(c)
-            if kind:
-                hits.setdefault(kind, start)
-                break
+    if len(text) <= _MEMO_MAX_CHARS:
+        key = ("dataset", max_words, text)
+        hits = probe.memo.get(key)
+        if hits is None:
+            hits = probe.memo[key] = _dataset_hits(text, probe, max_words)
+    else:
+        hits = _dataset_hits(text, probe, max_words)
     for kind, pos in hits.items():
         where = f"{location} line {_line_of(text, pos)}" if lines else location
         col.add(RULE_DATASET_IDENTIFIER, BLOCK, where,
@@ -208,14 +313,23 @@ def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, locat
 
 
 def scan_direct_identifiers(text: str, col: Collector, location: str, *,
-                            lines: bool = True) -> None:
-    """Recognizers (RRN, phone, e-mail, date of birth, names): block or review by confidence."""
+                            lines: bool = True, memo: dict | None = None) -> None:
+    """Recognizers (RRN, phone, e-mail, date of birth, names): block or review by confidence.
+    ``memo`` (a dict kept for one screen) holds the matches of short texts seen before."""
     if not text:
         return
     cfg = col.config
     for offset in range(0, len(text), _CHUNK):
         piece = text[offset:offset + _CHUNK + 64]
-        for m in find_identifiers(piece, min_confidence=cfg.review_confidence):
+        if memo is not None and len(piece) <= _MEMO_MAX_CHARS:
+            key = ("direct", cfg.review_confidence, piece)
+            matches = memo.get(key)
+            if matches is None:
+                matches = memo[key] = find_identifiers(piece,
+                                                       min_confidence=cfg.review_confidence)
+        else:
+            matches = find_identifiers(piece, min_confidence=cfg.review_confidence)
+        for m in matches:
             severity = BLOCK if m.confidence >= cfg.block_confidence else REVIEW
             pos = offset + m.start
             where = f"{location} line {_line_of(text, pos)}" if lines else location
@@ -226,4 +340,4 @@ def scan_direct_identifiers(text: str, col: Collector, location: str, *,
 
 def scan_text(text: str, probe: IndexProbe, col: Collector, location: str) -> None:
     scan_dataset_identifiers(text, probe, col, location)
-    scan_direct_identifiers(text, col, location)
+    scan_direct_identifiers(text, col, location, memo=probe.memo)
