@@ -212,16 +212,16 @@ def _long_runs(text: str) -> list[str]:
     one gap of ``-._/:``, one or two spaces, a tab, ``, `` or ``; ``) that hold at least
     ``MIN_VALUE_CHARS`` token characters, found with array operations."""
     raw = np.frombuffer(b" " + text.encode("ascii") + b"  ", np.uint8)  # (padded)
-    tok = _TOKEN_BYTES[raw]
+    tok = _TOKEN_BYTES.take(raw)
     edges = np.flatnonzero(tok[1:] != tok[:-1])  # token i is raw[edges[2i]+1:edges[2i+1]+1]
     if not edges.size:
         return []
     starts, ends = edges[0::2], edges[1::2]  # (text offsets: the padding shifts by one)
     before = ends[:-1]
     gap = starts[1:] - before
-    first = raw[before + 1]
-    joined = ((gap == 1) & _GAP1_BYTES[first]) | (
-        (gap == 2) & _GAP2_FIRST[first] & (raw[before + 2] == 0x20))
+    first = raw.take(before + 1)
+    joined = ((gap == 1) & _GAP1_BYTES.take(first)) | (
+        (gap == 2) & _GAP2_FIRST.take(first) & (raw.take(before + 2) == 0x20))
     cut = np.flatnonzero(~joined)  # a run ends at token k (and at the last token)
     tails = np.empty(cut.size + 1, np.intp)
     tails[:-1], tails[-1] = cut, starts.size - 1
