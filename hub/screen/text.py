@@ -267,6 +267,7 @@ def _any_run_hits(text: str, probe: IndexProbe, max_words: int) -> bool:
 #: are screened once per screen however often they come again; their findings are the
 #: same, at their own location.
 _MEMO_MAX_CHARS = 4096
+_MEMO_MAX_TEXTS = 1 << 16  # (then texts are screened each time, as before)
 
 
 def _dataset_hits(text: str, probe: IndexProbe, max_words: int) -> dict[str, int]:
@@ -303,7 +304,9 @@ def scan_dataset_identifiers(text: str, probe: IndexProbe, col: Collector, locat
         key = ("dataset", max_words, text)
         hits = probe.memo.get(key)
         if hits is None:
-            hits = probe.memo[key] = _dataset_hits(text, probe, max_words)
+            hits = _dataset_hits(text, probe, max_words)
+            if len(probe.memo) < _MEMO_MAX_TEXTS:
+                probe.memo[key] = hits
     else:
         hits = _dataset_hits(text, probe, max_words)
     for kind, pos in hits.items():
@@ -325,8 +328,9 @@ def scan_direct_identifiers(text: str, col: Collector, location: str, *,
             key = ("direct", cfg.review_confidence, piece)
             matches = memo.get(key)
             if matches is None:
-                matches = memo[key] = find_identifiers(piece,
-                                                       min_confidence=cfg.review_confidence)
+                matches = find_identifiers(piece, min_confidence=cfg.review_confidence)
+                if len(memo) < _MEMO_MAX_TEXTS:
+                    memo[key] = matches
         else:
             matches = find_identifiers(piece, min_confidence=cfg.review_confidence)
         for m in matches:
