@@ -201,10 +201,25 @@ _YEAR_ENDING_RE = re.compile(
     r"[-./](?:19|20)(?:(?<=\d[-./]\d[-./]\d\d)|(?<=\d[-./]\d\d[-./]\d\d))\d\d")
 
 
+# In ASCII text, the same tests first as substring searches over the bytes mapped to
+# classes (digits as 0, - / as -, the dot kept, the rest as a space): four digits after a
+# space or a - (or at the start), or a day and a month with separators before them.
+_DATE_CLASSES = bytes(0x30 if chr(i).isdigit() else 0x2D if chr(i) in "-/" else
+                      0x2E if chr(i) == "." else 0x20 for i in range(256))
+_DATE_SHAPES = (b" 0000", b"-0000") + tuple(
+    b"0" + a + month + b + b"0000" for a in (b".", b"-") for b in (b".", b"-")
+    for month in (b"0", b"00"))
+
+
 def _may_hold_date(text: str) -> bool:
     """False when ``text`` holds no date that ``_dates_in`` could yield (a necessary test)."""
-    return ("19" in text or "20" in text) and bool(
-        _YEAR_START_RE.search(text) or _YEAR_ENDING_RE.search(text))
+    if not ("19" in text or "20" in text):
+        return False
+    if text.isascii():
+        shapes = text.encode("ascii").translate(_DATE_CLASSES)
+        if not (shapes.startswith(b"0000") or any(s in shapes for s in _DATE_SHAPES)):
+            return False
+    return bool(_YEAR_START_RE.search(text) or _YEAR_ENDING_RE.search(text))
 
 
 def _long_runs(text: str) -> list[str]:
