@@ -26,9 +26,11 @@ from .screen_corpus import Case
 
 RULE = "dataset-image"
 
-#: Colour maps whose luminance rises (or falls) with the value: the grey pixels keep the
-#: order of the values, which is what the fingerprints compare.
-CMAPS = ("gray", "bone", "viridis", "magma", "gray_r", "cividis", "inferno", "pink")
+#: Colour maps whose luminance rises (or falls) with the value (the grey pixels keep the
+#: order of the values, which is what the fingerprints compare), and a rainbow and two
+#: diverging maps, whose luminance does not (the screen maps their colours back).
+CMAPS = ("gray", "bone", "viridis", "magma", "gray_r", "cividis", "inferno", "pink", "jet",
+         "RdBu_r", "coolwarm")
 STYLES = ("axes", "colourbar", "tight-off", "inline", "contour", "mask", "grid", "inset",
           "montage", "flush-grid", "beside-plot", "stretched", "dark", "notebook")
 

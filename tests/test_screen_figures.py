@@ -165,3 +165,47 @@ def test_the_leeways_decide_block_and_review(figure_cases, indexes):
     assert screen_bytes(case.name, case.data, indexes=indexes, config=strict).verdict == "review"
     off = ScreenConfig(figure_block_leeway=-2.0, figure_review_leeway=-2.0)
     assert screen_bytes(case.name, case.data, indexes=indexes, config=off).verdict == "pass"
+
+
+@pytest.mark.parametrize("cmap", ["jet", "RdBu_r", "coolwarm"])
+def test_rainbow_and_diverging_maps_are_mapped_back_to_their_values(slices, cmap):
+    from PIL import Image
+
+    from medzone_hub.screen.regions import recoloured
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    image = ax.imshow(slices[2], cmap=cmap, vmin=-1000, vmax=400)
+    data = _png(fig)
+    grey = _decode(data)
+    colour = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    box = _box(fig, image)
+    region = next(r for r in find_regions(grey) if _near(r, box))
+    mapped = recoloured(region, colour)
+    assert mapped is not None
+    # The values the map was given, in their order or reversed (``RdBu_r`` is ``RdBu``
+    # reversed, and the index finds inverted copies); the luminance of these maps is not.
+    values = np.clip(slices[2], -1000, 400)
+    small = np.asarray(Image.fromarray(values.astype(np.float32)).resize(
+        mapped.pixels.shape[::-1], Image.BILINEAR))
+    assert abs(np.corrcoef(mapped.pixels.ravel().astype(float), small.ravel())[0, 1]) > 0.9
+    # A grey figure and a map whose luminance follows the value keep their luminance.
+    assert recoloured(region, np.repeat(grey[..., None], 3, axis=2)) is None
+
+
+def test_a_slice_drawn_in_jet_blocks(indexes, zone):
+    plt = _plt()
+    kind, values = next(p for p in load_images(zone.home.dataset_dir("demo"), ct_step=5)
+                        if p[0] == "CT")
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    fig.colorbar(ax.imshow(values, cmap="jet", vmin=-1000, vmax=400), ax=ax)
+    ax.set_title("slice")
+    data = _png(fig)
+    assert screen_bytes("jet.png", data, indexes=indexes).verdict == "block"
+    # Without its colours (grey pixels alone) the same figure is not a copy.
+    from medzone_hub.screen.images import check_figure
+    from medzone_hub.screen.model import Collector
+
+    col = Collector(ScreenConfig(), indexes)
+    check_figure(_decode(data), col, "jet.png", indexes)
+    assert all(f.severity != "block" for f in col.findings)

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - the screen works (slower) with Pillow 
     pyspng = zlib_ng = None
 
 from .model import BLOCK, REVIEW, RULE_DATASET_IMAGE, RULE_MALFORMED, Collector
-from .regions import find_regions, region_pixels
+from .regions import find_regions, recoloured, region_pixels
 
 #: Images larger than this many pixels are not decoded (they are flagged for review).
 MAX_PIXELS = 64_000_000
@@ -139,7 +139,7 @@ def check_image(data: bytes, col: Collector, location: str) -> None:
             col.add(RULE_DATASET_IMAGE, BLOCK, location,
                     f"a copy of a dataset image ({best.ref}; {how})")
             return
-    check_figure(arr, col, location, indexes)
+    check_figure(arr, col, location, indexes, data)
 
 
 #: A region whose best candidate falls short of a bare copy's threshold by at most this
@@ -149,16 +149,26 @@ def check_image(data: bytes, col: Collector, location: str) -> None:
 NUDGE_FROM = 0.45
 
 
-def check_figure(arr: np.ndarray, col: Collector, location: str, indexes) -> None:
+def check_figure(arr: np.ndarray, col: Collector, location: str, indexes,
+                 data: bytes | None = None) -> None:
     """The images drawn inside a figure (panels, insets, montage tiles: see
     :mod:`.regions`), each against the fingerprints. A region whose detail correlation with
     an indexed image comes within ``figure_block_leeway`` of what confirms a bare copy
-    blocks; within ``figure_review_leeway``, the figure is reviewed."""
+    blocks; within ``figure_review_leeway``, the figure is reviewed. With the image's
+    ``data``, a region drawn in a rainbow or diverging colour map is looked up by the
+    values the map was given (its colours decoded once, only for figures with regions)."""
     cfg = col.config
     review = False
-    for region in find_regions(arr, max_regions=cfg.max_figure_regions):
+    regions = find_regions(arr, max_regions=cfg.max_figure_regions)
+    colour = _colour(data) if regions and data is not None and arr.ndim == 2 else None
+    for region in regions:
+        source = arr
+        if colour is not None:
+            mapped = recoloured(region, colour)
+            if mapped is not None:
+                region, source = mapped, colour
         for ix in indexes:
-            shortfall, cand = _closest(ix, arr, region, cfg.figure_block_leeway)
+            shortfall, cand = _closest(ix, source, region, cfg.figure_block_leeway)
             if cand is not None and shortfall <= cfg.figure_block_leeway:
                 col.add(RULE_DATASET_IMAGE, BLOCK, location,
                         f"a figure that draws a dataset image ({cand.ref}; "
@@ -168,6 +178,21 @@ def check_figure(arr: np.ndarray, col: Collector, location: str, indexes) -> Non
     if review:
         col.add(RULE_DATASET_IMAGE, REVIEW, location,
                 "a figure that draws what may be a dataset image")
+
+
+def _colour(data: bytes) -> np.ndarray | None:
+    """An image's RGB pixels (None: not a colour image, or not decodable)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F", "1", "LA"):
+                return None
+            return np.asarray(image.convert("RGB"))
+    except Exception:  # noqa: BLE001 - the grey pixels were read: they are looked up
+        return None
 
 
 def _shortfall(ix, pixels: np.ndarray):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 #: Smaller regions (in source pixels) cannot be compared with the fingerprints.
 MIN_SIDE = 32
@@ -36,6 +35,83 @@ MIN_TEXTURE = 0.05
 #: A montage is a region whose column (row) profile repeats with the tiles' period.
 MONTAGE_CORRELATION = 0.5
 MAX_TILES_PER_SIDE = 8
+
+#: Colour maps whose luminance does not follow the value (rainbow and diverging maps), as
+#: 65 RGB colours evenly spaced along each (interpolated to 256: within 5 of 255 of
+#: matplotlib's own table). A colour region whose colours lie on one of them is mapped back
+#: to the values the map was given; maps whose luminance follows the value need no table.
+COLOUR_MAPS = {
+    "jet": (
+        "0000800000920000a40000b60000c80000da0000ed0000ff0000ff0010ff0020ff0030ff0040ff00"
+        "50ff0060ff0070ff0080ff0090ff00a0ff00b0ff00c0ff00d0ff00e0fb09f0ee16ffe123ffd430ff"
+        "c73cffba49ffad56ffa063ff9470ff877dff7a8aff6d97ff60a4ff53b1ff46beff39caff2cd7ff1f"
+        "e4ff13f1fc06feed00ffde00ffd000ffc100ffb200ffa300ff9400ff8600ff7700ff6800ff5900ff"
+        "4a00ff3b00ff2d00ff1e00fa0f00e80000d60000c40000b200009f00008d0000800000"
+    ),
+    "turbo": (
+        "30123b351e58392a733d358b4040a2424bb54456c74661d6466be34776ee4680f6458afc4294ff3d"
+        "9efe37a8fa2fb2f428bceb22c5e21ccdd819d5cd18ddc219e3b91fe9af27eea432f2983ff68a4ef9"
+        "7d5dfc6f6dfe627dff568bff4b99fe42a4fc3caffa37b9f635c3f134cdec34d7e535dfdf37e7d739"
+        "eecf3af4c73af8be39fbb637fdac34fea130fe962bfd8a26fb7e21f8721cf46617f05b12eb500ee5"
+        "470bdf3f08d83706d02f05c82803be2102b41b01a916019e1001920b018507027a0403"
+    ),
+    "rainbow": (
+        "8000ff780dff7019ff6826fe6032fe583efd504afc4856fb4062fa386df93079f72884f6208ef418"
+        "98f210a2f008acee00b5eb08bee910c6e618cde420d5e128dbde30e1da38e7d740ecd448f1d050f4"
+        "cc58f8c960fac568fcc170febc78ffb880ffb488ffaf90feab99fca6a0faa1a8f79cb0f397b9ef92"
+        "c0eb8dc8e688d0e082d9da7de0d377e8cb72f0c46cf9bb66ffb360ffa95bffa055ff964fff8c49ff"
+        "8143ff763dff6b37ff5f30ff532aff4724ff3b1eff2f18ff2211ff160bff0905ff0000"
+    ),
+    "coolwarm": (
+        "3b4cc03f53c6445acc4961d24e68d8536edd5875e15d7ce66282ea6788ee6c8ff17295f4779af77d"
+        "a0f982a6fb88abfd8db0fe93b5fe98b9ff9ebeffa3c2fea9c6fdaec9fcb3cdfbb9d0f9bed2f6c3d5"
+        "f4c7d7f0ccd9edd1dae9d5dbe5d9dce1dddcdce1dad6e5d8d1e9d5cbecd3c5efcfbff1ccb8f3c8b2"
+        "f5c4acf6bfa6f7ba9ff7b599f7b093f7aa8cf6a586f59f80f4987af29274f08b6eee8468eb7d62e8"
+        "765ce46e56e16751dd5f4bd85646d44e41cf453cca3b37c43032be242eb8122ab40426"
+    ),
+    "RdBu": (
+        "67001f7304217f08238a0b25960f27a21328ae172ab61f2ebb2a34c13639c6413ecc4c44d25849d7"
+        "634fdc6e57e17860e58368ea8e70ef9979f3a481f5ac8bf7b596f8bda1f9c6acfbceb7fcd7c2fddd"
+        "cbfce2d2fbe6dafaeae1f9efe9f8f3f0f6f7f7f0f4f6eaf1f5e4eef4deebf2d8e9f1d2e6f0cae1ee"
+        "c0dcebb6d7e8acd2e5a2cde398c8e08dc2dc81bad875b2d468abd05ca3cb4f9bc74393c33e8cbf38"
+        "85bc337eb82e77b52870b12369ad1e61a51a589915508d1147810d3f7608366a053061"
+    ),
+    "bwr": (
+        "0000ff0808ff1010ff1818ff2020ff2828ff3030ff3838ff4040ff4848ff5050ff5858ff6060ff68"
+        "68ff7070ff7878ff8080ff8888ff9090ff9898ffa0a0ffa8a8ffb0b0ffb8b8ffc0c0ffc8c8ffd0d0"
+        "ffd8d8ffe0e0ffe8e8fff0f0fff8f8fffffefefff6f6ffeeeeffe6e6ffdedeffd6d6ffceceffc6c6"
+        "ffbebeffb6b6ffaeaeffa6a6ff9e9eff9696ff8e8eff8686ff7e7eff7676ff6e6eff6666ff5e5eff"
+        "5656ff4e4eff4646ff3e3eff3636ff2e2eff2626ff1e1eff1616ff0e0eff0606ff0000"
+    ),
+    "seismic": (
+        "00004c00005800006300006e00007900008400009000009b0000a60000b10000bc0000c80000d300"
+        "00de0000e90000f40101ff1111ff2121ff3131ff4141ff5151ff6161ff7171ff8181ff9191ffa1a1"
+        "ffb1b1ffc1c1ffd1d1ffe1e1fff1f1fffffdfdffededffddddffcdcdffbdbdffadadff9d9dff8d8d"
+        "ff7d7dff6d6dff5d5dff4d4dff3d3dff2d2dff1d1dff0d0dfe0000f60000ee0000e60000de0000d6"
+        "0000ce0000c60000be0000b60000ae0000a600009e00009600008e0000860000800000"
+    ),
+    "Spectral": (
+        "9e0142a70b44af1446b81e48c1274ac9314cd23a4ed8434edd4a4ce2514ae75948eb6046f06744f4"
+        "7044f67a49f7844ef98e52fa9857fba35cfdad60fdb567fdbd6dfdc574fecc7bfed481fedc88fee2"
+        "8ffee797feec9ffff1a8fff6b0fffbb8ffffbefbfdb8f7fcb2f3faaceff9a6ebf7a0e7f59adff299"
+        "d6ee9bcdeb9dc3e79fbae3a1b1dfa3a7dba49cd7a491d3a486cfa57ccaa571c6a566c2a55eb9a956"
+        "b0ad4ea7b0459eb43d95b8358bbc3682ba3d79b64471b24b68ae525fa95956a55e4fa2"
+    ),
+    "RdYlBu": (
+        "a50026ad0826b50f26bd1726c41e27cc2627d42d27da362ade402ee34933e75337ec5c3bf16640f4"
+        "7044f67a49f7844ef98e52fa9857fba35cfdad60fdb567fdbd6ffdc576fecc7efed485fedc8cfee2"
+        "94fee79bfeeca2fff1aafff6b1fffbb9feffc0fafdc9f5fbd2f0f9dbebf7e4e6f5ede1f3f6daf0f6"
+        "d1ecf4c9e8f2c1e4efb9e0edb0dceaa8d6e89fd0e497c9e08ec2dc85bbd97db4d574add16da4cc65"
+        "9bc85e93c3578abf4f81ba4878b6436fb14065ac3d5ba73a51a236479e333d99313695"
+    ),
+}
+#: A region's colours lie on a map when their mean distance to its nearest colour
+#: (RGB, of 255; each pixel's distance capped at 64: overlays and text are few) is at most
+#: this.
+MAP_TOLERANCE = 6.0
+#: Regions with more distinct colours than this (a JPEG) are taken by their luminance.
+MAX_MAP_COLOURS = 16384
+_TABLES: dict[str, np.ndarray] = {}
 
 
 @dataclass(frozen=True)
@@ -58,6 +134,50 @@ def _grey(image: np.ndarray) -> np.ndarray:
         rgb = arr[..., :3].astype(np.float32)
         arr = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     return arr
+
+
+def _table(name: str) -> np.ndarray:
+    """A colour map's 256 colours (float RGB), from its 65 stored ones."""
+    table = _TABLES.get(name)
+    if table is None:
+        anchors = np.frombuffer(bytes.fromhex(COLOUR_MAPS[name]), np.uint8).reshape(-1, 3)
+        at = np.linspace(0, anchors.shape[0] - 1, 256)
+        table = np.stack([np.interp(at, np.arange(anchors.shape[0]), anchors[:, k])
+                          for k in range(3)], axis=1).astype(np.float32)
+        _TABLES[name] = table
+    return table
+
+
+def _unmapped(crop: np.ndarray) -> np.ndarray | None:
+    """The values (0…255) a rainbow or diverging colour map was given to draw an RGB crop,
+    when its colours lie on one of :data:`COLOUR_MAPS`; None otherwise (a grey crop, a
+    map whose luminance follows the value, a JPEG's thousands of colours)."""
+    rgb = np.ascontiguousarray(crop[..., :3]).astype(np.uint8, copy=False)
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    if np.count_nonzero(spread > INK_TOLERANCE) < 0.05 * spread.size:
+        return None  # grey: its luminance is the value (or its inverse)
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) \
+        | rgb[..., 2]
+    colours, inverse, counts = np.unique(packed.ravel(), return_inverse=True,
+                                         return_counts=True)
+    if colours.size > MAX_MAP_COLOURS:
+        return None
+    points = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255],
+                      axis=1).astype(np.float32)
+    weights = counts / counts.sum()
+    best = (MAP_TOLERANCE, None)
+    for name in COLOUR_MAPS:
+        table = _table(name)
+        # |p − t|² = |p|² − 2 p·t + |t|²: one matrix product per map.
+        d2 = (points ** 2).sum(1)[:, None] - 2 * points @ table.T + (table ** 2).sum(1)
+        nearest = np.argmin(d2, axis=1)
+        dist = np.sqrt(np.maximum(d2[np.arange(points.shape[0]), nearest], 0))
+        mean = float(weights @ np.minimum(dist, 64.0))
+        if mean <= best[0]:
+            best = (mean, nearest)
+    if best[1] is None:
+        return None
+    return best[1].astype(np.uint8)[inverse.reshape(-1)].reshape(rgb.shape[:2])
 
 
 def _scale(gray: np.ndarray) -> float:
@@ -96,6 +216,8 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
     if share < 0.5:
         boxes.append((0, h, 0, w))  # no margin: the canvas itself may be a montage
     if full.any():
+        from scipy import ndimage  # only for figures with solid ink: the CLI starts without it
+
         labels, _ = ndimage.label(full)
         for label, box in enumerate(ndimage.find_objects(labels), start=1):
             if box is None:
@@ -116,7 +238,7 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
     out: list[Region] = []
     tiles: list[Region] = []
     for top, bottom, left, right in sorted(boxes, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2])):
-        pixels, sampled = region_pixels(gray, top, bottom, left, right)
+        pixels, sampled = region_pixels(image, top, bottom, left, right)
         if min(pixels.shape) < MIN_SIDE or _texture(pixels) < MIN_TEXTURE:
             continue
         whole = (bottom - top, right - left) == (h, w)
@@ -131,7 +253,31 @@ def region_pixels(image: np.ndarray, top: int, bottom: int, left: int, right: in
                   ) -> tuple[np.ndarray, bool]:
     """A rectangle of the figure as the index should see it (see :func:`_clamped` and
     :func:`_source_pixels`), and whether it was sampled back to its source pixels."""
-    return _source_pixels(_clamped(_grey(image)[top:bottom, left:right]))
+    crop = np.asarray(image)[top:bottom, left:right]
+    values = _unmapped(crop) if crop.ndim == 3 and crop.shape[2] >= 3 else None
+    return _source_pixels(_clamped(_grey(crop) if values is None else values))
+
+
+def recoloured(region: Region, colour: np.ndarray) -> Region | None:
+    """The region with the values a rainbow or diverging colour map was given in place of
+    its luminance (see :func:`_unmapped`), from the figure's RGB pixels ``colour``; None
+    when its colours lie on none of :data:`COLOUR_MAPS`."""
+    crop = np.asarray(colour)[region.top:region.bottom, region.left:region.right]
+    if crop.ndim != 3 or crop.shape[2] < 3 or min(crop.shape[:2]) < MIN_SIDE:
+        return None
+    values = _unmapped(crop)
+    if values is None:
+        return None
+    pixels, sampled = _source_pixels(_clamped(values))
+    if region.tile is not None:
+        i, j, k, m = region.tile
+        h, w = pixels.shape
+        pixels = pixels[round(i * h / k):round((i + 1) * h / k),
+                        round(j * w / m):round((j + 1) * w / m)]
+    if min(pixels.shape) < MIN_SIDE:
+        return None
+    return Region(region.top, region.bottom, region.left, region.right, pixels,
+                  region.tile, sampled)
 
 
 def _edges(gray, bg, tolerance, r0, r1, c0, c1):
