@@ -167,8 +167,9 @@ def test_the_leeways_decide_block_and_review(figure_cases, indexes):
     assert screen_bytes(case.name, case.data, indexes=indexes, config=off).verdict == "pass"
 
 
-@pytest.mark.parametrize("cmap", ["jet", "RdBu_r", "coolwarm"])
-def test_rainbow_and_diverging_maps_are_mapped_back_to_their_values(slices, cmap):
+@pytest.mark.parametrize("cmap,fmt", [("jet", "png"), ("RdBu_r", "png"), ("coolwarm", "png"),
+                                      ("jet", "jpeg")])
+def test_rainbow_and_diverging_maps_are_mapped_back_to_their_values(slices, cmap, fmt):
     from PIL import Image
 
     from medzone_hub.screen.regions import recoloured
@@ -176,10 +177,13 @@ def test_rainbow_and_diverging_maps_are_mapped_back_to_their_values(slices, cmap
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     image = ax.imshow(slices[2], cmap=cmap, vmin=-1000, vmax=400)
-    data = _png(fig)
+    box = _box(fig, image)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt)
+    _plt().close(fig)
+    data = buf.getvalue()
     grey = _decode(data)
     colour = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    box = _box(fig, image)
     region = next(r for r in find_regions(grey) if _near(r, box))
     mapped = recoloured(region, colour)
     assert mapped is not None

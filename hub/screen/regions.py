@@ -109,8 +109,11 @@ COLOUR_MAPS = {
 #: (RGB, of 255; each pixel's distance capped at 64: overlays and text are few) is at most
 #: this.
 MAP_TOLERANCE = 6.0
-#: Regions with more distinct colours than this (a JPEG) are taken by their luminance.
+#: A region with more distinct colours than this (a JPEG: its colours blur across edges
+#: and blocks) has them rounded to 6 bits a channel, and lies on a map within
+#: ``JPEG_MAP_TOLERANCE`` (other maps and grey lie 50 or more away).
 MAX_MAP_COLOURS = 16384
+JPEG_MAP_TOLERANCE = 24.0
 _TABLES: dict[str, np.ndarray] = {}
 
 
@@ -151,7 +154,7 @@ def _table(name: str) -> np.ndarray:
 def _unmapped(crop: np.ndarray) -> np.ndarray | None:
     """The values (0…255) a rainbow or diverging colour map was given to draw an RGB crop,
     when its colours lie on one of :data:`COLOUR_MAPS`; None otherwise (a grey crop, a
-    map whose luminance follows the value, a JPEG's thousands of colours)."""
+    map whose luminance follows the value)."""
     rgb = np.ascontiguousarray(crop[..., :3]).astype(np.uint8, copy=False)
     spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
     if np.count_nonzero(spread > INK_TOLERANCE) < 0.05 * spread.size:
@@ -160,12 +163,16 @@ def _unmapped(crop: np.ndarray) -> np.ndarray | None:
         | rgb[..., 2]
     colours, inverse, counts = np.unique(packed.ravel(), return_inverse=True,
                                          return_counts=True)
+    tolerance = MAP_TOLERANCE
     if colours.size > MAX_MAP_COLOURS:
-        return None
+        packed = (packed & 0xFCFCFC) | 0x020202
+        colours, inverse, counts = np.unique(packed.ravel(), return_inverse=True,
+                                             return_counts=True)
+        tolerance = JPEG_MAP_TOLERANCE
     points = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255],
                       axis=1).astype(np.float32)
     weights = counts / counts.sum()
-    best = (MAP_TOLERANCE, None)
+    best = (tolerance, None)
     for name in COLOUR_MAPS:
         table = _table(name)
         # |p − t|² = |p|² − 2 p·t + |t|²: one matrix product per map.
