@@ -105,9 +105,9 @@ COLOUR_MAPS = {
         "9bc85e93c3578abf4f81ba4878b6436fb14065ac3d5ba73a51a236479e333d99313695"
     ),
 }
-#: A region's colours lie on a map when their mean distance to its nearest colour
-#: (RGB, of 255; each pixel's distance capped at 64: overlays and text are few) is at most
-#: this.
+#: A region's colours lie on a map when three quarters of its pixels lie within this
+#: distance (RGB, of 255) of the map's nearest colour (a mask overlay, contour lines and
+#: text are fewer).
 MAP_TOLERANCE = 6.0
 #: A region with more distinct colours than this (a JPEG: its colours blur across edges
 #: and blocks) has them rounded to 6 bits a channel, and lies on a map within
@@ -179,9 +179,12 @@ def _unmapped(crop: np.ndarray) -> np.ndarray | None:
         d2 = (points ** 2).sum(1)[:, None] - 2 * points @ table.T + (table ** 2).sum(1)
         nearest = np.argmin(d2, axis=1)
         dist = np.sqrt(np.maximum(d2[np.arange(points.shape[0]), nearest], 0))
-        mean = float(weights @ np.minimum(dist, 64.0))
-        if mean <= best[0]:
-            best = (mean, nearest)
+        order = np.argsort(dist)
+        # The distance within which three quarters of the pixels lie.
+        typical = float(dist[order][np.searchsorted(np.cumsum(weights[order]), 0.75)
+                                    .clip(max=order.size - 1)])
+        if typical <= best[0]:
+            best = (typical, nearest)
     if best[1] is None:
         return None
     return best[1].astype(np.uint8)[inverse.reshape(-1)].reshape(rgb.shape[:2])
