@@ -6,17 +6,20 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_ingest, bench_login, bench_screen, bench_spawn, bench_volume, eval_screen
-from . import bench_screen_text
-from . import bench_queue
-from . import bench_slurm
+from . import (bench_ingest, bench_login, bench_queue, bench_screen, bench_screen_text,
+               bench_slurm, bench_spawn, bench_volume, eval_screen)
 
-BENCHMARKS = {"ingest": bench_ingest.run, "login": bench_login.run, "screen": bench_screen.run,
-              "spawn": bench_spawn.run, "volume": bench_volume.run,
-              "eval_screen": eval_screen.run}
-BENCHMARKS["screen_text"] = bench_screen_text.run  # text rules against a naive regex
-BENCHMARKS["queue"] = bench_queue.run  # the run queue: overhead and round-robin throughput
-BENCHMARKS["slurm"] = bench_slurm.run  # submission → first cell, Slurm against local
+BENCHMARKS = {
+    "ingest": bench_ingest.run,
+    "login": bench_login.run,
+    "screen": bench_screen.run,
+    "screen_text": bench_screen_text.run,  # text rules against a naive regex
+    "eval_screen": eval_screen.run,  # recall and false positives, calibration vs evaluation
+    "spawn": bench_spawn.run,
+    "volume": bench_volume.run,
+    "queue": bench_queue.run,  # the run queue: overhead and round-robin throughput
+    "slurm": bench_slurm.run,  # submission → first cell, Slurm against local
+}
 
 
 def main(argv: list[str]) -> int:
