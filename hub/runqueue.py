@@ -87,9 +87,12 @@ class RunQueue(Configurable):
     ).tag(config=True)
     slots = Integer(2, min=1, help=(
         "How many template runs execute at once, all users together.")).tag(config=True)
-    per_user_limit = Integer(1, min=1, help=(
-        "How many of one user's template runs execute at once; the rest wait their turn "
-        "(users are served round-robin).")).tag(config=True)
+    per_user_limit = Integer(0, min=0, help=(
+        "How many of one user's template runs may execute at once; 0 (the default): no cap "
+        "beyond the slots. Users take turns either way: a freed slot goes to the waiting "
+        "user served least recently, so one user's 50 runs delay another's one by at most "
+        "one run; a cap leaves slots idle while only one user has runs waiting."
+        )).tag(config=True)
     max_cpus = Integer(4, min=1, help=(
         "The most CPUs a template may declare it needs (metadata medzone.needs.cpus); "
         "more is capped to this.")).tag(config=True)
@@ -204,9 +207,9 @@ def schedule(queued: Sequence[Entry], active: Sequence[Entry], *, slots: int,
              last_served: dict[str, float] | None = None) -> list[int]:
     """Which *queued* runs start now, in order, given the *active* ones (claimed or running).
 
-    At most *slots* runs are active and at most *per_user* of one user's. Users take turns:
-    the user served least recently (*last_served*: when each user's last run was claimed;
-    never comes first) starts their oldest run, then goes to the back of the line. A run
+    At most *slots* runs are active and at most *per_user* of one user's (0: no cap).
+    Users take turns: the user served least recently (*last_served*: when each user's last
+    run was claimed; never comes first) starts their oldest run, then goes to the back of the line. A run
     that requires a GPU is passed over while *free_gpus* is 0 (``None``: the executor
     waits for GPUs itself); the user's next run may go instead."""
     last_served = last_served or {}
@@ -222,7 +225,7 @@ def schedule(queued: Sequence[Entry], active: Sequence[Entry], *, slots: int,
     picks: list[int] = []
     while free > 0:
         for user in order:
-            if per.get(user, 0) >= per_user:
+            if per_user and per.get(user, 0) >= per_user:
                 continue
             entry = next((e for e in lines[user] if not (
                 e.gpu == "required" and free_gpus is not None and free_gpus <= 0)), None)
