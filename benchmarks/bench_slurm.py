@@ -24,10 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
-
-import nbformat
 
 from medzone_hub import accounts, runner, runqueue
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
@@ -36,33 +33,12 @@ from medzone_hub.hubapp import DEFAULT_CONFIG
 from medzone_hub.models import Run
 from medzone_hub.slurm import SlurmClient
 
+# The same tiny template and the same reading of the executed notebook as the queue's bench.
+from .bench_queue import _first_cell, _row, _template
+
 RUNS = int(os.environ.get("MEDZONE_BENCH_SLURM_RUNS", "6"))
 GOAL_ADDED_S = 2.0
 CI_SLURM = Path(__file__).resolve().parent.parent / ".ci" / "slurm"
-
-
-def _template(folder: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("x = n + 1")]
-    path = folder / "tiny.ipynb"
-    nbformat.write(nb, str(path))
-    os.chmod(path, 0o644)
-    return path
-
-
-def _first_cell(home: MedZoneHome, run: Run) -> float:
-    nb = nbformat.read(str(runner.home_path(home, run)), as_version=4)
-    cell = next(c for c in nb.cells if c.cell_type == "code"
-                and "injected-parameters" not in c.metadata.get("tags", []))
-    return datetime.fromisoformat(cell.metadata["papermill"]["start_time"]).timestamp()
-
-
-def _row(store, run_id: int) -> Run:
-    with store.session() as session:
-        return runner.get_run(session, run_id)
 
 
 def _wait(store, run_id: int, timeout: float = 600) -> Run:
