@@ -388,3 +388,27 @@ def test_an_unreachable_controller_is_one_clear_line(slurm_conf, tmp_path):
     message = str(err.value)
     assert message.startswith("the Slurm controller does not answer (sbatch: ")
     assert "\n" not in message and message.endswith(f"configuration: {conf})")
+
+
+def test_the_clusters_daemons_do_not_hold_the_start_scripts_lock(slurm_conf):
+    """``.ci/slurm`` serialises its callers with a flock on ``<dir>.lock``. A daemon it starts
+    must not inherit that descriptor: munged once did, held the lock for its whole life, and
+    the ``.ci/slurm stop`` in make's EXIT trap then waited for it until CI's time ran out."""
+    lock = (Path(slurm_conf).parent.parent / f"{Path(slurm_conf).parent.name}.lock").resolve()
+    holders = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            if comm not in ("munged", "slurmctld", "slurmd", "slurmstepd"):
+                continue
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:  # the process ended while we looked
+            continue
+        if str(lock) in fds:
+            holders.append(f"{comm} ({proc.name})")
+    assert lock.exists(), f"{lock}: .ci/slurm did not take its lock here"
+    assert not holders, f"{', '.join(holders)} hold {lock}"
+    done = subprocess.run(["flock", "-w", "60", str(lock), "true"], check=False)
+    assert done.returncode == 0
