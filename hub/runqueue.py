@@ -3,7 +3,8 @@
 ``medzone run`` and the portal *enqueue* a run (:func:`enqueue`: the runner's checks and
 run folder, then a ``queued`` row with what the run needs and which executor runs it).
 What starts it is a **worker** (:class:`Worker`: ``medzone worker``, or the one the hub
-starts as a managed service), which every ``RunQueue.poll_interval`` seconds
+starts as a managed service), which every ``RunQueue.poll_interval`` seconds, and at once
+when a run is enqueued on this machine or a run it started ends (:meth:`Worker.wait`),
 
 1. looks after what is under way (:func:`recover`): a ``running`` run whose process is gone
    is marked failed with the reason; a queued run claimed by a process that died before
@@ -42,12 +43,14 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from select import POLLIN, poll as fd_poll  # sqlalchemy's select is the query
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -71,6 +74,8 @@ GPU_NEEDS = ("none", "optional", "required")
 #: The queue's own files under ``MEDZONE_HOME`` (the worker's lock).
 QUEUE_DIR = "run-queue"
 WORKER_LOCK = "worker.lock"
+#: The worker's wake-up FIFO: a byte written to it makes the worker look at the queue now.
+WAKE_FIFO = "wake"
 
 #: Why a run stopped at its time limit (``{seconds}`` filled in).
 TIME_LIMIT_REACHED = "stopped: its time limit of {seconds} s was reached"
@@ -109,7 +114,10 @@ class RunQueue(Configurable):
     default_time_limit_s = Integer(4 * 3600, min=1, help=(
         "A run's time limit when its template does not say.")).tag(config=True)
     poll_interval = Float(0.2, min=0.01, help=(
-        "Seconds between the worker's (and a waiting `medzone run`'s) looks at the queue."),
+        "Seconds between the worker's (and a waiting `medzone run`'s) looks at the queue. "
+        "The worker also looks at once when a run is enqueued on this machine or a run it "
+        "started ends; the poll finds what those miss (runs enqueued elsewhere, re-attached "
+        "runs ending, time limits, other executors' jobs)."),
     ).tag(config=True)
     start_worker = Bool(True, help=(
         "Start the queue's worker (`medzone worker`) as a hub-managed service. Without a "
@@ -185,9 +193,11 @@ def enqueue(home: MedZoneHome, store, user: str, template: str,
         if not policy.gpu_allowed:
             raise RuleViolation(f"template {path.stem} requires a GPU and user {user!r} may "
                                 "not use one (ask for the GPU role)")
-    return runner.prepare_run(home, store, user, str(path), parameters,
-                              templates_dir=templates_dir, config=config, now=now,
-                              needs=needs, executor=settings.executor)
+    run = runner.prepare_run(home, store, user, str(path), parameters,
+                             templates_dir=templates_dir, config=config, now=now,
+                             needs=needs, executor=settings.executor)
+    notify_worker(home)
+    return run
 
 
 # --- scheduling (pure) -------------------------------------------------------------------
@@ -465,6 +475,43 @@ def worker_pid(home: MedZoneHome) -> int | None:
         os.close(fd)
 
 
+def wake_path(home: MedZoneHome) -> Path:
+    return home.root / QUEUE_DIR / WAKE_FIFO
+
+
+def notify_worker(home: MedZoneHome) -> bool:
+    """Wake the zone's worker, if one runs on this machine, so it looks at the queue now
+    rather than at its next poll. Never blocks; ``False`` when no worker was woken (none
+    runs, or this process may not write its FIFO): its poll finds the run then."""
+    try:
+        fd = os.open(wake_path(home),
+                     os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:  # ENXIO: no worker reads it; ENOENT: none ever ran; EACCES: not ours
+        return False
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        with contextlib.suppress(BlockingIOError):  # full: the worker has a wake-up waiting
+            os.write(fd, b"\0")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _open_wake_fifo(home: MedZoneHome) -> int:
+    """The worker's end of its wake-up FIFO (made if missing), open for reading without
+    blocking (and for writing, so it never reads end-of-file when no one else has it)."""
+    path = wake_path(home)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISFIFO(os.lstat(path).st_mode):
+            path.unlink()
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
 def _tell_home(executor: Executor, home: MedZoneHome) -> None:
     if getattr(executor, "home", False) is None:
         executor.home = home  # the local executor finds the zone's GPU registry there
@@ -489,6 +536,7 @@ class Worker:
                                                  sandbox_config=config)
         _tell_home(self.executor, home)
         self.lock_fd: int | None = None
+        self.wake_fd: int | None = None
         self.stopping = False
 
     def lock(self) -> None:
@@ -506,11 +554,43 @@ class Worker:
         self.lock_fd = fd
         if hasattr(self.executor, "lock_fd"):
             self.executor.lock_fd = fd
+        try:
+            self.wake_fd = _open_wake_fifo(self.home)
+        except OSError as err:  # it polls only
+            log.warning("queue: no wake-up FIFO at %s (%s): polling only", wake_path(self.home),
+                        err.strerror)
+        if hasattr(self.executor, "wake_fd"):
+            self.executor.wake_fd = self.wake_fd
 
     def unlock(self) -> None:
+        if self.wake_fd is not None:
+            os.close(self.wake_fd)
+            self.wake_fd = None
+            if hasattr(self.executor, "wake_fd"):
+                self.executor.wake_fd = None
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
+
+    def wait(self, timeout: float, *, wake: bool = True) -> bool:
+        """Wait up to *timeout* seconds for a reason to look at the queue again: a run
+        enqueued on this machine (:func:`notify_worker`) or a run the executor started
+        ended (:meth:`Executor.wake_fds`). Whether one came before the timeout."""
+        fds = [self.wake_fd] if wake and self.wake_fd is not None else []
+        if wake:
+            fds += getattr(self.executor, "wake_fds", list)()
+        if not fds:
+            time.sleep(timeout)
+            return False
+        poller = fd_poll()
+        for fd in fds:
+            poller.register(fd, POLLIN)
+        ready = poller.poll(max(0, int(timeout * 1000)))
+        if self.wake_fd is not None and any(fd == self.wake_fd for fd, _ in ready):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.wake_fd, 4096):
+                    pass
+        return bool(ready)
 
     def step(self) -> list[int]:
         """One look at the queue: recover, schedule, claim and submit. The runs submitted."""
@@ -558,11 +638,13 @@ class Worker:
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self.stopping and not (until and until()):
+                failed = False
                 try:
                     self.step()
                 except MedZoneError as err:
                     log.warning("queue: %s", err)
-                time.sleep(self.settings.poll_interval)
+                    failed = True  # no wake-ups until the next poll: no busy loop
+                self.wait(self.settings.poll_interval, wake=not failed)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -717,6 +799,6 @@ def outcome(home: MedZoneHome, run: Run):
 
 
 __all__ = ["Entry", "GPU_NEEDS", "QueueView", "RunQueue", "Worker", "cancel", "claim",
-           "describe", "enqueue", "outcome", "positions", "queue_positions", "queue_settings",
+           "describe", "enqueue", "notify_worker", "outcome", "positions", "queue_positions", "queue_settings",
            "queue_view", "recover", "run_here", "run_needs", "schedule",
            "stop_run", "template_needs", "wait", "wait_started", "worker_pid"]

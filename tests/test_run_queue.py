@@ -312,6 +312,45 @@ def test_a_gpu_run_waits_for_a_free_gpu(zone, templates):  # noqa: F811
     assert _row(zone, gpu_run.id).needs["gpu_given"] is True
 
 
+
+def test_the_worker_wakes_when_a_run_is_enqueued_and_when_its_process_exits(zone, templates):  # noqa: F811
+    _clear_queue(zone)
+    assert not runqueue.notify_worker(zone.home)  # no worker: nobody to wake
+    executor = LocalExecutor(sandbox_config=SandboxConfig())
+    worker = runqueue.Worker(zone.home, zone.store, settings=RunQueue(slots=2),
+                             executor=executor)
+    worker.lock()
+    try:
+        assert not worker.wait(0.01)  # nothing happened: the timeout
+        # Enqueued (here, as `medzone run` and the portal do): the worker wakes, once.
+        run = runqueue.enqueue(zone.home, zone.store, "bob", str(templates["tiny"]))
+        assert worker.wait(600)
+        assert not worker.wait(0.01)
+        assert worker.step() == [run.id]
+        assert len(executor.wake_fds()) == 1
+        # The run's process exits: the worker wakes (long before its 600 s poll), and
+        # the run has recorded its outcome by then.
+        assert worker.wait(600)
+        assert _row(zone, run.id).state == "done"
+        assert worker.step() == [] and executor.wake_fds() == []
+        # A run's process keeps neither the worker's lock nor its wake-up FIFO: with the
+        # worker gone and a run still executing, nobody reads the FIFO.
+        long = runqueue.enqueue(zone.home, zone.store, "bob", str(templates["wait"]))
+        assert worker.step() == [long.id]
+        worker.unlock()
+        assert not runqueue.notify_worker(zone.home)
+        assert runqueue.worker_pid(zone.home) is None
+        _until(lambda: _row(zone, long.id).sandbox_pid)
+        with zone.store.session() as session:
+            runner.cancel_run(session, long.id, "bob")
+        assert worker.wait(600)  # its process exits once its sandbox is killed
+        executor.reap()
+    finally:
+        worker.unlock()
+        executor.close()
+    assert _row(zone, long.id).state == "cancelled"
+
+
 def test_sigkill_of_the_worker_loses_nothing(zone, templates):  # noqa: F811
     _clear_queue(zone)
     config = _hub_config(zone, slots=1)

@@ -18,6 +18,7 @@ The interface (stable: every executor implements exactly this)::
         def slots(self) -> int | None
         def free_gpus(self) -> int | None
         def close(self) -> None
+        def wake_fds(self) -> list[int]                 # optional; default []
 
 * ``submit(home, store, run_id)`` — start executing run *run_id* (``queued`` in the store,
   already claimed by the queue for this executor) and return at once with the executor's
@@ -43,6 +44,10 @@ The interface (stable: every executor implements exactly this)::
   while this is 0.
 * ``close()`` — let go of what the executor holds (threads, connections) when the worker
   stops; runs it started keep running where they can and are re-attached later.
+* ``wake_fds()`` — descriptors that become readable when a run this executor started ends
+  (the local executor: a pidfd per run's process), so the worker looks at the queue at
+  once instead of at its next poll; ``[]`` (the default) when it has none: the worker's
+  poll notices the run's end.
 
 :func:`get_executor` makes one by name: ``local`` (:mod:`medzone_hub.executors.local`,
 the default) and ``slurm`` (:mod:`medzone_hub.executors.slurm`), each imported only when
@@ -100,6 +105,10 @@ class Executor(abc.ABC):
 
     def close(self) -> None:
         """Let go of what it holds (runs keep running where they can)."""
+
+    def wake_fds(self) -> list[int]:
+        """Descriptors readable once a run it started ended; none by default."""
+        return []
 
 
 def executor_class(name: str) -> type[Executor]:

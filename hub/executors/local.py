@@ -10,6 +10,9 @@ the next worker counts them against the slots again (re-attached) while the stor
 ``running`` and their process lives. Stopped in order (SIGTERM), the worker stops its runs
 (:meth:`LocalExecutor.stop_all`), so nothing outlives the hub that started it.
 
+The worker waits on :meth:`wake_fds` (a pidfd per run's process, readable when it exits),
+so a slot a run frees is given to the next run at once, not at the worker's next poll.
+
 GPUs: :meth:`free_gpus` is what the zone's GPU registry has room for on the GPUs this
 machine has (interactive servers hold theirs there too); ``None`` when GPUs are switched
 off for sandboxes.
@@ -62,8 +65,10 @@ class LocalExecutor(Executor):
         self.gpus = gpus  # None: detect them when asked
         self.registry = registry
         self.children: dict[int, int] = {}  # pid -> run id
-        #: A descriptor the children must not keep (the worker's lock).
+        self.pidfds: dict[int, int] = {}  # pid -> pidfd (readable once the process exited)
+        #: Descriptors the children must not keep (the worker's lock, its wake-up FIFO).
         self.lock_fd: int | None = None
+        self.wake_fd: int | None = None
 
     # --- the interface -----------------------------------------------------------------
 
@@ -78,8 +83,9 @@ class LocalExecutor(Executor):
             code = 1
             try:
                 os.setsid()
-                if self.lock_fd is not None:
-                    os.close(self.lock_fd)
+                for fd in (self.lock_fd, self.wake_fd, *self.pidfds.values()):
+                    if fd is not None:
+                        os.close(fd)
                 store.engine.dispose(close=False)  # the parent's connections stay its own
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
@@ -93,6 +99,9 @@ class LocalExecutor(Executor):
             finally:
                 os._exit(code)
         self.children[pid] = run_id
+        pidfd = _pidfd(pid)
+        if pidfd is not None:
+            self.pidfds[pid] = pidfd
         return f"local:{pid}:{proc_start_time(pid)}"
 
     def poll(self, run) -> str | None:
@@ -129,6 +138,11 @@ class LocalExecutor(Executor):
 
     def close(self) -> None:
         self.reap()
+        for pid in list(self.pidfds):
+            self._forget_fd(pid)
+
+    def wake_fds(self) -> list[int]:
+        return list(self.pidfds.values())
 
     # --- the worker's housekeeping -------------------------------------------------------
 
@@ -140,6 +154,12 @@ class LocalExecutor(Executor):
                 if done == 0:
                     continue
             self.children.pop(pid, None)
+            self._forget_fd(pid)
+
+    def _forget_fd(self, pid: int) -> None:
+        fd = self.pidfds.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
 
     def stop_all(self, store, reason: str) -> None:
         """Stop the runs this executor started that still execute, recording *reason*."""
@@ -154,3 +174,13 @@ class LocalExecutor(Executor):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self.children.pop(pid, None)
+            self._forget_fd(pid)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable once process *pid* exited (Linux 5.3+); ``None`` where the
+    kernel has none (the worker's poll notices the run's end then)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
