@@ -6,17 +6,20 @@ leaked into long logs and tables, is screened with and without them."""
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import numpy as np
 import pytest
 
 from benchmarks.bench_screen import _describe, _html_table, _log, _text_table
-from medzone_hub.screen import ScreenConfig, recognizers, screen_bytes, text
+from medzone_hub.screen import ScreenConfig, notebook, recognizers, screen_bytes, text
+from medzone_hub.screen.model import Collector
 
 from .screen_corpus import dataset_facts, demo_indexes, demo_zone  # noqa: F401 (fixtures)
 
 
 def _without_shortcuts(monkeypatch) -> None:
+    monkeypatch.setattr(notebook, "prescreen", lambda *_args: None)
     monkeypatch.setattr(text, "_any_run_hits", lambda *_args: True)
     monkeypatch.setattr(text, "_may_hold_date", lambda _text: True)
     monkeypatch.setattr(recognizers, "_cheap_tests", lambda _text: (True, True))
@@ -139,3 +142,38 @@ def test_the_year_tests_rule_out_only_texts_without_dates():
             fired += 1
     assert fired and not text._may_hold_date("loss: 0.1942 - dice: 0.2013")
     assert all(text._may_hold_date(s) for s in ("on 2023-01-15", "15.01.2023", "3 Mar 1985"))
+
+
+def test_the_prescreen_leaves_every_text_with_a_finding_to_the_rules(zone, indexes):
+    """Texts pre-screened together: none that the rules find something in is marked clean
+    (leaks in ASCII text and in progress-bar text with block elements and an ellipsis), and
+    the clean texts of a notebook are (so that the screen skips them)."""
+    rng = np.random.default_rng(5)
+    leaks = _leaks(zone)
+    clean = [_log(rng, 1), _text_table(rng, 9, 4), _describe(rng), _html_table(rng, 5, 3),
+             "100%|██████████| 450/… [00:41<00:00, 7.1it/s]\n", "<Figure size 600x400>"]
+    leaky = [f"{c[:40]}{leak} {c[40:]}" for c in clean for leak in leaks]
+    leaky += [f"epoch 3 |███▌      | {leak} …" for leak in leaks if leak.isascii()]
+    config = ScreenConfig()
+    probe = text.IndexProbe(indexes)
+    text.prescreen(leaky + clean, probe, config)
+    marked = probe.clean_texts[config.max_window_words]
+    assert set(clean) <= marked
+    for sample in leaky:
+        col = Collector(config, indexes)
+        text.scan_text(sample, text.IndexProbe(indexes), col, "x")
+        if col.findings:
+            assert sample not in marked, sample
+    assert sum(sample not in marked for sample in leaky) >= len(leaky) - len(clean)
+
+
+def test_texts_spelt_in_ascii_for_the_prescreen_hold_the_same_runs():
+    for sample in ("100%|██████████| 450/… [00:41<00:00, 7.1it/s]", "a…b c…2019-01-05",
+                   "x ▏▎▍▌▋▊▉█ ab12cd…ef34", "…20190105…", "▕ab-cd-ef▏"):
+        assert not text._NOT_PLAIN_RE.search(sample)
+        spelt = sample.replace("\u2026", "...").encode("ascii", "replace").decode()
+        nfkc = unicodedata.normalize("NFKC", sample)
+        assert text._RUN_RE.findall(spelt) == text._RUN_RE.findall(nfkc)
+        assert text._may_hold_date(spelt) == text._may_hold_date(nfkc)
+    for ch in map(chr, [0x2026, *range(0x2500, 0x25A0)]):
+        assert not (ch.isalnum() or ch.isspace() or ch in recognizers._ONE_TO_ONE), ch

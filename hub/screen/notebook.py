@@ -11,7 +11,7 @@ import re
 from . import embedded
 from .model import BLOCK, REVIEW, RULE_EMBEDDED_DATA, RULE_MALFORMED, Collector
 from .tables import check_table, html_tables, text_tables
-from .text import scan_text
+from .text import prescreen, scan_text
 from .textbytes import scan_text_bytes
 
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
@@ -29,6 +29,31 @@ def _text(value) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False)
+
+
+_TEXT_MIMES = ("text/html", "text/plain", "text/markdown", "text/latex", "image/svg+xml")
+
+
+def _texts(cells: list) -> list[str]:
+    """The texts that the walk hands to the text rules most often (cell sources, streams,
+    text outputs), gathered ahead so that they are pre-screened together (see
+    :func:`~.text.prescreen`)."""
+    out = []
+    for cell in cells:
+        if not isinstance(cell, dict):
+            continue
+        out.append(_text(cell.get("source", "")))
+        outputs = cell.get("outputs")
+        for output in outputs if isinstance(outputs, list) else ():
+            if not isinstance(output, dict):
+                continue
+            if output.get("output_type") == "stream":
+                out.append(_text(output.get("text", "")))
+                continue
+            data = output.get("data")
+            if isinstance(data, dict):
+                out += [_text(value) for mime, value in data.items() if mime in _TEXT_MIMES]
+    return out
 
 
 def _b64(value: str) -> bytes | None:
@@ -57,6 +82,10 @@ class NotebookScreen:
             col.add(RULE_MALFORMED, BLOCK, "notebook", "not a notebook (no list of cells)")
             self.walk(nb, "notebook")
             return
+        try:  # only spares work: a text it leaves out is scanned as before
+            prescreen(_texts(nb["cells"]), self.probe, col.config)
+        except Exception:  # noqa: BLE001 - the text rules below still see every text
+            pass
         self.walk(nb.get("metadata", {}), "notebook metadata")
         for i, cell in enumerate(nb["cells"], 1):
             where = f"cell {i}"

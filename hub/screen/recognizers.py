@@ -8,6 +8,7 @@ repeating it. Full-width digits and dashes are read as ASCII; spans index the or
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import re
 import unicodedata
@@ -205,11 +206,14 @@ _BIRTH_CONTEXT = re.compile(r"birth|born|\bdob\b|d\.o\.b|생년월일|생일|출
 _BIRTH_WORD = re.compile(r"birth|born|dob|d\.o\.b|생년월일|생일|출생", re.I)
 
 
+_BIRTH_WORDS_ASCII = ("birth", "born", "dob", "d.o.b")
+
+
 def _has_birth_word(text: str) -> bool:
     """Whether a birth word may be anywhere in ``text`` (a cheap test before the scan)."""
     if text.isascii():  # lower() is exact for ASCII and "in" is far faster than the regex
         lowered = text.lower()
-        return any(word in lowered for word in ("birth", "born", "dob", "d.o.b"))
+        return any(word in lowered for word in _BIRTH_WORDS_ASCII)
     return _BIRTH_WORD.search(text) is not None
 
 
@@ -455,8 +459,41 @@ def _cheap_tests(text: str) -> tuple[bool, bool]:
     raw = text.encode("ascii")
     digits = raw.translate(_DIGIT_CLASSES)
     names = raw.translate(_NAME_CLASSES)
-    return (b"000000" in digits or b"00-0000" in digits,
-            b"a A" in names or b"A A" in names or b"a, A" in names or b"A, A" in names)
+    return (any(shape in digits for shape in _DIGIT_SHAPES),
+            any(shape in names for shape in _NAME_SHAPES))
+
+
+_DIGIT_SHAPES = (b"000000", b"00-0000")
+_NAME_SHAPES = (b"a A", b"A A", b"a, A", b"A, A")
+
+
+def mark_texts(haystack, needles, starts: list[int], marked: set[int]) -> None:
+    """Add to ``marked`` the number of each text that holds one of ``needles``, where the
+    texts are joined in ``haystack`` (``str`` or ``bytes``), text ``k`` from ``starts[k]``,
+    and no needle can span two of them. One search per text that holds one at most."""
+    ends = starts[1:] + [len(haystack)]
+    for needle in needles:
+        pos = haystack.find(needle)
+        while pos >= 0:
+            k = bisect.bisect_right(starts, pos) - 1
+            marked.add(k)
+            pos = haystack.find(needle, ends[k])
+
+
+def texts_with_identifiers(joined: str, starts: list[int]) -> set[int]:
+    """The numbers of the texts in which :func:`find_identifiers` may find something, of
+    ASCII texts joined by NUL characters in ``joined`` (text ``k`` from ``starts[k]``): the
+    same necessary conditions as for one text (:func:`_cheap_tests`, an ``@`` for e-mail
+    addresses, a ``^`` for DICOM-style names, a birth word), each located by substring
+    searches over the whole (a NUL is of no character class, so no shape spans two texts).
+    Hangul names need non-ASCII text: the caller leaves such texts out."""
+    marked: set[int] = set()
+    raw = joined.encode("ascii")
+    mark_texts(raw.translate(_DIGIT_CLASSES), _DIGIT_SHAPES, starts, marked)
+    mark_texts(raw.translate(_NAME_CLASSES), _NAME_SHAPES, starts, marked)
+    mark_texts(joined, ("@", "^"), starts, marked)
+    mark_texts(joined.lower(), _BIRTH_WORDS_ASCII, starts, marked)
+    return marked
 
 
 def find_identifiers(text: str, *, min_confidence: float = 0.0) -> list[IdentifierMatch]:

@@ -3,6 +3,7 @@ direct identifiers found by the recognizers. Findings say where and what kind, n
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import re
 import unicodedata
@@ -11,7 +12,8 @@ import numpy as np
 
 from .index import KINDS, MIN_VALUE_CHARS, normalize_identifier
 from .model import BLOCK, REVIEW, RULE_DATASET_IDENTIFIER, RULE_DIRECT_IDENTIFIER, Collector
-from .recognizers import _DATE_IN_TEXT_RE, KIND_DESCRIPTIONS, find_identifiers, parse_date
+from .recognizers import (_DATE_IN_TEXT_RE, KIND_DESCRIPTIONS, find_identifiers, parse_date,
+                          texts_with_identifiers)
 
 KIND_WORDS = {"patient_id": "a patient identifier", "accession": "an accession number",
               "uid": "a DICOM UID", "date": "a date", "text": "header text"}
@@ -47,6 +49,9 @@ class IndexProbe:
         self.clean_runs: dict[int, set[str]] = {}
         #: What short texts seen before hold (see ``_MEMO_MAX_CHARS``), for this screen.
         self.memo: dict[tuple, object] = {}
+        #: Texts in which neither text rule can find anything, per ``max_words`` (see
+        #: :func:`prescreen`): ``scan_text`` returns at once for them.
+        self.clean_texts: dict[int, set[str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._indexes)
@@ -357,6 +362,74 @@ def scan_direct_identifiers(text: str, col: Collector, location: str, *,
                     f"(confidence {m.confidence:.2f})")
 
 
+# Characters outside ASCII that no text rule reads as a letter, a digit, white space, a
+# separator or part of a name, and that NFKC leaves alone or spells in ASCII: the ellipsis
+# (NFKC: "..."), box drawing and block elements (progress bars). A text with no other
+# non-ASCII character is pre-screened as ASCII with them spelt "..." and "?".
+_NOT_PLAIN_RE = re.compile("[^\x00-\x7f\u2026\u2500-\u259f]")
+#: At most this many texts are remembered as clean per screen (then they are scanned).
+_CLEAN_TEXTS_MAX = 1 << 20
+
+
+def prescreen(texts, probe: IndexProbe, config) -> None:
+    """Find, in one pass over many texts joined (a notebook's cell sources and text
+    outputs), those in which neither text rule can find anything, and remember them in
+    ``probe.clean_texts``, so that :func:`scan_text` returns at once for each of them.
+
+    Only necessary conditions are tested, located in the joined text and mapped back to
+    the texts they lie in: the recognizers' (:func:`~.recognizers.texts_with_identifiers`),
+    runs of tokens that may hold an indexed value (runs already known to be clean are
+    skipped, the others are windowed once), and the year tests of the date scan. Texts are
+    joined by a NUL character, which no rule reads as part of anything, so no run, shape
+    or year spans two texts. A text that any condition marks, or that holds characters
+    outside ASCII other than those of ``_NOT_PLAIN_RE``, is left to ``scan_text`` whole:
+    its findings, their locations and lines are what they were. Findings never come from
+    here."""
+    max_words = max(1, config.max_window_words)
+    clean = probe.clean_texts.setdefault(max_words, set())
+    originals, spelt = [], []
+    for text in dict.fromkeys(texts):
+        if not text or text in clean:
+            continue
+        if not text.isascii():
+            if _NOT_PLAIN_RE.search(text):
+                continue
+            spelt.append(text.replace("\u2026", "...").encode("ascii", "replace").decode())
+        else:
+            spelt.append(text)
+        originals.append(text)
+    if not originals:
+        return
+    joined = "\x00".join(spelt)
+    starts, at = [], 0
+    for text in spelt:
+        starts.append(at)
+        at += len(text) + 1
+    marked = texts_with_identifiers(joined, starts)
+    if probe:
+        known = probe.clean_runs.setdefault(max_words, set())
+        for value in set(_long_runs(joined)).difference(known):
+            found: dict[str, int] = {}
+            _scan_run(0, value, probe.kind, max_words, found)
+            if found:
+                marked.update(k for k, text in enumerate(spelt) if value in text)
+            elif len(known) < _CLEAN_RUNS_MAX:
+                known.add(value)
+        if _may_hold_date(joined):
+            for year in (_YEAR_START_RE, _YEAR_ENDING_RE):
+                pos = 0
+                while (m := year.search(joined, pos)) is not None:
+                    k = bisect.bisect_right(starts, m.start()) - 1
+                    marked.add(k)
+                    pos = starts[k + 1] if k + 1 < len(starts) else len(joined)
+    for k, text in enumerate(originals):
+        if k not in marked and len(clean) < _CLEAN_TEXTS_MAX:
+            clean.add(text)
+
+
 def scan_text(text: str, probe: IndexProbe, col: Collector, location: str) -> None:
+    clean = probe.clean_texts.get(max(1, col.config.max_window_words))
+    if clean and text in clean:
+        return
     scan_dataset_identifiers(text, probe, col, location)
     scan_direct_identifiers(text, col, location, memo=probe.memo)
