@@ -20,8 +20,9 @@ from medzone_hub.devtools import depgraph
 
 #: What the screen may import besides the standard library and its own modules: it is a
 #: pure library (bytes and a screening index in, findings out). pyspng and zlib_ng are
-#: optional (a faster PNG decoder; without them Pillow decodes every image).
-SCREEN_LIBRARIES = {"numpy", "PIL", "scipy", "threadpoolctl", "pyspng", "zlib_ng"}
+#: optional (a faster PNG decoder; without them Pillow decodes every image); usearch is the
+#: approximate nearest-neighbour search of large screening indexes.
+SCREEN_LIBRARIES = {"numpy", "PIL", "scipy", "threadpoolctl", "pyspng", "zlib_ng", "usearch"}
 
 
 def _in(layer: str):

@@ -30,13 +30,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .model import ScreenConfig
 from .recognizers import (COLUMN_ACCESSION, COLUMN_DATE, COLUMN_PATIENT_ID, COLUMN_UID,
                           classify_column_name, looks_like_uid, parse_date)
 
 FORMAT = "medzone-screening-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Versions this MedZone reads: 2 kept its fingerprints in one compressed ``.npz`` (read
+#: into memory), 3 in plain ``.npy`` arrays that are memory-mapped.
+READABLE_VERSIONS = (2, 3)
 INDEX_FILE = "index.json"
-FINGERPRINTS_FILE = "fingerprints.npz"
+FINGERPRINTS_FILE = "fingerprints.npz"  # version 2
+FINGERPRINTS_DIR = "fingerprints"  # version 3: one .npy per array, and the ANN index
+ANN_FILE = "ann.usearch"
+#: The approximate nearest-neighbour search compares 16×16 cells (2×2 coarse cells each)...
+ANN_SIZE = 16
+#: ... and hands this many images per orientation and sign to the exact coarse check.
+ANN_CANDIDATES = 32
 
 
 class InvalidIndex(ValueError):
@@ -394,11 +404,29 @@ class ScreeningIndexBuilder:
         self._add_elements(ds)
         if "PixelData" in ds:
             if ref is None:
-                series = str(ds.get("SeriesInstanceUID", ""))
-                ordinal = self._series.setdefault(series, len(self._series) + 1)
-                ref = (f"{ds.get('Modality', 'image')} series {ordinal} "
-                       f"image {ds.get('InstanceNumber', len(self._refs) + 1)}")
+                ref = self.dicom_ref(*dicom_ref_facts(ds))
             self._add_dicom_pixels(ds, ref)
+
+    def dicom_ref(self, series_uid: str, modality: str, instance: str | None) -> str:
+        """The name :meth:`add_dicom` gives a file's images by default (see
+        :func:`dicom_ref_facts`): series are numbered in the order they are first seen."""
+        ordinal = self._series.setdefault(series_uid, len(self._series) + 1)
+        return (f"{modality} series {ordinal} "
+                f"image {len(self._refs) + 1 if instance is None else instance}")
+
+    def merge(self, part: "ScreeningIndexBuilder", ref: str | None = None) -> None:
+        """Add what ``part`` (a builder with the same key, filled elsewhere: e.g. an ingest's
+        worker process) collected, as if its calls had been made on this builder; in its
+        image names, :data:`REF_SLOT` becomes ``ref``."""
+        for kind, values in part._values.items():
+            self._values[kind] |= values
+        offset = len(self._refs)
+        self._exact.extend((digest, i + offset) for digest, i in part._exact)
+        self._shapes |= part._shapes
+        self._coarse.extend(part._coarse)
+        self._fine.extend(part._fine)
+        self._refs.extend(r.replace(REF_SLOT, ref) if ref is not None else r
+                          for r in part._refs)
 
     def _add_elements(self, ds) -> None:
         for elem in ds:
@@ -483,10 +511,17 @@ class ScreeningIndexBuilder:
         counts["images"] = len(self._refs)
         return counts
 
-    def write(self, directory) -> Path:
-        """Write ``index.json`` and ``fingerprints.npz`` into ``directory`` (created)."""
+    def write(self, directory, *, ann_min_images: int | None = None) -> Path:
+        """Write ``index.json`` and the ``fingerprints/`` arrays into ``directory`` (created).
+
+        The arrays are plain ``.npy`` files, memory-mapped when the index is loaded; with
+        more than ``ann_min_images`` images (by default ``ScreenConfig.ann_min_images``) an
+        approximate nearest-neighbour index of the coarse thumbnails is written too."""
+        if ann_min_images is None:
+            ann_min_images = ScreenConfig().ann_min_images
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        n = len(self._refs)
         document = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -494,29 +529,53 @@ class ScreeningIndexBuilder:
             "normalization": "NFKC, case-folded, separators removed, dates as YYYYMMDD",
             "counts": self.counts,
             "identifiers": {kind: sorted(values) for kind, values in self._values.items()},
-            "images": {"file": FINGERPRINTS_FILE,
+            "images": {"directory": FINGERPRINTS_DIR,
                        "coarse": [COARSE_SIZE, COARSE_SIZE],
                        "fine": f"min(side/2, {FINE_MAX}) squared, at least {FINE_MIN}",
                        "coarse_threshold": COARSE_THRESHOLD,
                        "detail_sigma": DETAIL_SIGMA,
-                       "detail_thresholds": DETAIL_THRESHOLDS},
+                       "detail_thresholds": DETAIL_THRESHOLDS,
+                       "ann": ANN_FILE if n > ann_min_images else None,
+                       "ann_size": [ANN_SIZE, ANN_SIZE]},
         }
-        (directory / INDEX_FILE).write_text(json.dumps(document, indent=1) + "\n")
-        n = len(self._refs)
         exact = np.frombuffer(b"".join(h for h, _ in self._exact), dtype=np.uint8)
-        np.savez_compressed(
-            directory / FINGERPRINTS_FILE,
-            exact=exact.reshape(len(self._exact), 16),
-            exact_image=np.array([i for _, i in self._exact], dtype=np.int64),
-            coarse=(np.stack(self._coarse) if n else
-                    np.zeros((0, COARSE_SIZE, COARSE_SIZE), dtype=np.uint16)),
-            fine=(np.concatenate([f.ravel() for f in self._fine]) if n else
-                  np.zeros(0, dtype=np.uint16)),
-            fine_size=np.array([f.shape[0] for f in self._fine], dtype=np.int64),
+        exact = exact.reshape(len(self._exact), 16)
+        exact_image = np.array([i for _, i in self._exact], dtype=np.int64)
+        order = np.lexsort(exact.T[::-1]) if len(exact) else np.zeros(0, dtype=np.int64)
+        sizes = np.array([f.shape[0] for f in self._fine], dtype=np.int64)
+        arrays = {
+            # sorted, so that a digest is found by bisection in the mapped file
+            "exact": exact[order], "exact_image": exact_image[order],
+            "coarse": (np.stack(self._coarse) if n else
+                       np.zeros((0, COARSE_SIZE, COARSE_SIZE), dtype=np.uint16)),
+            "fine": (np.concatenate([f.ravel() for f in self._fine]) if n else
+                     np.zeros(0, dtype=np.uint16)),
+            "fine_size": sizes,
+            "fine_offset": np.concatenate([[0], np.cumsum(sizes * sizes)[:-1]]).astype(np.int64)
+            if n else np.zeros(0, dtype=np.int64),
             # Sizes only: an image of another shape cannot be an exact copy (not hashed).
-            shapes=np.array(sorted(_shape_key(shape) for shape in self._shapes), dtype=str),
-            refs=np.array(self._refs, dtype=str))
+            "shapes": np.array(sorted(_shape_key(shape) for shape in self._shapes), dtype=str),
+            "refs": np.array(self._refs, dtype=str)}
+        folder = directory / FINGERPRINTS_DIR
+        folder.mkdir(exist_ok=True)
+        for name, array in arrays.items():
+            np.save(folder / f"{name}.npy", array, allow_pickle=False)
+        if n > ann_min_images:
+            _build_ann(arrays["coarse"]).save(str(folder / ANN_FILE))
+        (directory / FINGERPRINTS_FILE).unlink(missing_ok=True)  # an older version's
+        (directory / INDEX_FILE).write_text(json.dumps(document, indent=1) + "\n")
         return directory
+
+
+#: A placeholder image name for :meth:`ScreeningIndexBuilder.merge` to fill in.
+REF_SLOT = "\x00ref\x00"
+
+
+def dicom_ref_facts(ds) -> tuple[str, str, str | None]:
+    """What :meth:`ScreeningIndexBuilder.dicom_ref` needs of a dataset: series UID, modality
+    and instance number (None when absent), as text."""
+    instance = f"{ds.get('InstanceNumber')}" if "InstanceNumber" in ds else None
+    return str(ds.get("SeriesInstanceUID", "")), f"{ds.get('Modality', 'image')}", instance
 
 
 def _shape_key(shape) -> str:
@@ -554,50 +613,128 @@ def _is_telling_text(text: str) -> bool:
 
 # --- using ------------------------------------------------------------------------------
 
-class ScreeningIndex:
-    """A written index, loaded for screening."""
+def _ann_vectors(coarse: np.ndarray) -> np.ndarray:
+    """Unit vectors of the coarse thumbnails, averaged to 16×16 and centred: their inner
+    product with a query's (:meth:`ScreeningIndex._ann_queries`) approximates the coarse
+    correlation the exact check computes."""
+    n = len(coarse)
+    step = COARSE_SIZE // ANN_SIZE
+    cells = np.asarray(coarse, dtype=np.float32).reshape(n, ANN_SIZE, step, ANN_SIZE, step)
+    flat = cells.mean(axis=(2, 4)).reshape(n, -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    return flat / np.maximum(norms, 1e-6)
 
-    def __init__(self, hasher: _Hasher, values: dict[str, set[str]], exact: dict[bytes, list[int]],
-                 coarse: np.ndarray, fine: list[np.ndarray], refs: list[str], counts: dict,
-                 shapes: set[str]):
+
+def _build_ann(coarse: np.ndarray, chunk: int = 20_000):
+    """A usearch HNSW index (inner product, half floats) of the coarse thumbnails; keys
+    are image numbers."""
+    from usearch.index import Index
+
+    ann = Index(ndim=ANN_SIZE * ANN_SIZE, metric="ip", dtype="f16", connectivity=16,
+                expansion_add=64, expansion_search=2 * ANN_CANDIDATES)
+    for start in range(0, len(coarse), chunk):  # bounded memory for the float copies
+        part = _ann_vectors(coarse[start:start + chunk])
+        ann.add(np.arange(start, start + len(part), dtype=np.uint64), part)
+    return ann
+
+
+def _reopen(directory: str, hasher: "_Hasher", ann_min_images: int | None) -> "ScreeningIndex":
+    return ScreeningIndex._open(Path(directory), hasher, ann_min_images)
+
+
+class ScreeningIndex:
+    """A written index, opened for screening: its arrays are memory-mapped (version 3), so
+    opening costs the same whatever the number of images, and a lookup reads only the
+    pages it needs. With more than ``ann_min_images`` images, candidates are found by an
+    approximate nearest-neighbour search (usearch HNSW) and checked exactly; with fewer, by
+    comparing the query with every image (see :meth:`image_candidates`)."""
+
+    def __init__(self, directory: Path, hasher: _Hasher, document: dict, arrays: dict,
+                 ann_min_images: int | None = None):
+        self.directory = directory
         self._hasher = hasher
-        self._shapes = shapes
-        self._values = values
-        self._exact = exact
-        self._refs = refs
-        self._fine = fine
-        self.counts = counts
-        # Masked correlation with every indexed image at once: Σc, Σc² and Σc·q over the
-        # query's unclipped cells are three matrix products.
-        flat = coarse.reshape(len(coarse), -1).astype(np.float64) / 65535
-        self._coarse = flat
-        self._coarse_squared = flat * flat
+        self._values = {kind: set(document["identifiers"].get(kind, [])) for kind in KINDS}
+        self.counts = document.get("counts", {})
+        self._shapes = {str(shape) for shape in arrays["shapes"]}
+        self._refs = arrays["refs"]
+        self._exact = arrays["exact"]
+        self._exact_image = arrays["exact_image"]
+        # the first 8 bytes of each (sorted) digest, for bisection
+        self._exact_high = (np.ascontiguousarray(self._exact[:, :8]).view(">u8").ravel()
+                            if len(self._exact) else np.zeros(0, dtype=">u8"))
+        self._coarse_cells = arrays["coarse"]
+        self._fine_flat, self._fine_size = arrays["fine"], arrays["fine_size"]
+        self._fine_offset = arrays["fine_offset"]
+        self._ann_file = document.get("images", {}).get("ann")
+        self.ann_min_images = (ScreenConfig().ann_min_images if ann_min_images is None
+                               else int(ann_min_images))
+        self._lazy: dict = {}  # exact search matrices, the ANN: made on first use, shared
+        self._views: dict = {}  # by the copies that configured() makes
 
     @classmethod
-    def load(cls, directory, key: bytes) -> "ScreeningIndex":
-        directory = Path(directory)
+    def load(cls, directory, key: bytes, *, ann_min_images: int | None = None
+             ) -> "ScreeningIndex":
+        """Open the index written in ``directory``; ``ann_min_images``: see
+        ``ScreenConfig.ann_min_images`` (its default when None)."""
+        return cls._open(Path(directory), _Hasher(key), ann_min_images)
+
+    @classmethod
+    def _open(cls, directory: Path, hasher: _Hasher, ann_min_images) -> "ScreeningIndex":
         try:
             document = json.loads((directory / INDEX_FILE).read_text())
-            arrays = np.load(directory / FINGERPRINTS_FILE, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise InvalidIndex(f"{directory}: not a readable screening index ({err})") from None
-        if document.get("format") != FORMAT:
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise InvalidIndex(f"{directory}: unsupported screening index format")
-        if document.get("version") != FORMAT_VERSION:
+        version = document.get("version")
+        if version not in READABLE_VERSIONS:
             raise InvalidIndex(
-                f"{directory}: screening index version {document.get('version')}, this "
-                f"MedZone reads version {FORMAT_VERSION}: add the dataset again to rebuild it")
-        values = {kind: set(document["identifiers"].get(kind, [])) for kind in KINDS}
-        exact: dict[bytes, list[int]] = {}
-        for digest, image in zip(arrays["exact"], arrays["exact_image"]):
-            exact.setdefault(digest.tobytes(), []).append(int(image))
-        sizes = [int(n) for n in arrays["fine_size"]]
-        ends = np.cumsum([n * n for n in sizes])
-        fine = [cells.reshape(n, n) for cells, n in
-                zip(np.split(arrays["fine"], ends[:-1]) if sizes else [], sizes)]
-        return cls(_Hasher(key), values, exact, arrays["coarse"], fine,
-                   [str(r) for r in arrays["refs"]], document.get("counts", {}),
-                   {str(shape) for shape in arrays["shapes"]})
+                f"{directory}: screening index version {version}, this MedZone reads "
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}: add the dataset again "
+                f"to rebuild it")
+        try:
+            if version == 2:
+                arrays = _read_version_2(directory / FINGERPRINTS_FILE)
+            else:
+                folder = directory / FINGERPRINTS_DIR
+                arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r",
+                                        allow_pickle=False)
+                          for name in ("exact", "exact_image", "coarse", "fine", "fine_size",
+                                       "fine_offset", "shapes", "refs")}
+        except (OSError, ValueError, KeyError) as err:
+            raise InvalidIndex(f"{directory}: not a readable screening index ({err})") from None
+        return cls(directory, hasher, document, arrays, ann_min_images)
+
+    def __reduce__(self):
+        # Worker processes open the same files again instead of receiving copies.
+        return _reopen, (str(self.directory), self._hasher, self.ann_min_images)
+
+    def configured(self, config) -> "ScreeningIndex":
+        """This index with ``config.ann_min_images`` (the same object when it already has
+        it; otherwise one copy per value, sharing the arrays)."""
+        n = getattr(config, "ann_min_images", None)
+        if n is None or n == self.ann_min_images:
+            return self
+        if n not in self._views:
+            view = object.__new__(type(self))  # not copy.copy: __reduce__ reopens
+            view.__dict__.update(self.__dict__)
+            view.ann_min_images, view._views = int(n), {}
+            self._views[n] = view
+        return self._views[n]
+
+    @property
+    def uses_ann(self) -> bool:
+        """Whether candidates are found by the approximate search."""
+        return len(self._refs) > self.ann_min_images
+
+    def disk_bytes(self) -> dict:
+        """Bytes on disk: ``total``, ``ann`` (its nearest-neighbour index), ``per_image``."""
+        total = sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
+        ann = self.directory / FINGERPRINTS_DIR / ANN_FILE
+        images = len(self._refs)
+        return {"total": total, "ann": ann.stat().st_size if ann.exists() else 0,
+                "images": images, "per_image": round(total / images) if images else None}
 
     def contains(self, value) -> str | None:
         """The kind under which ``value`` (in any spelling) is indexed, or None."""
@@ -611,7 +748,16 @@ class ScreeningIndex:
         """Refs of indexed images with exactly these pixel values (stored or rescaled)."""
         if _shape_key(np.shape(pixels)) not in self._shapes:
             return []
-        return [self._refs[i] for i in self._exact.get(self._hasher.pixels(pixels), [])]
+        digest = self._hasher.pixels(pixels)
+        high = np.frombuffer(digest[:8], dtype=">u8")[0]
+        lo = int(np.searchsorted(self._exact_high, high, side="left"))
+        hi = int(np.searchsorted(self._exact_high, high, side="right"))
+        return [str(self._refs[int(self._exact_image[j])]) for j in range(lo, hi)
+                if bytes(self._exact[j]) == digest]
+
+    def _fine(self, i: int) -> np.ndarray:
+        n, start = int(self._fine_size[i]), int(self._fine_offset[i])
+        return np.asarray(self._fine_flat[start:start + n * n]).reshape(n, n)
 
     def image_candidates(self, pixels: np.ndarray, *,
                          min_detail_correlation: float | None = None,
@@ -623,50 +769,120 @@ class ScreeningIndex:
         :func:`detail_correlations`). Best first."""
         found = {ref: ImageCandidate(ref, 1.0, 1.0, exact=True)
                  for ref in self.exact_matches(pixels)}
-        if self._refs:
+        if len(self._refs):
             query = _Query(pixels)
             for i, orientations in self._coarse_candidates(query):
                 best = self._confirm(i, orientations, query)
-                threshold = (detail_threshold(self._fine[i].shape[0]) - leeway
+                threshold = (detail_threshold(int(self._fine_size[i])) - leeway
                              if min_detail_correlation is None else min_detail_correlation)
                 if best.detail_correlation >= threshold:
                     found.setdefault(best.ref, best)
         return sorted(found.values(), key=lambda c: (not c.exact, -c.detail_correlation))
 
+    def _exact_matrices(self, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse thumbnails as float rows (all of them, kept; or only ``rows``) and their
+        squares: Σc, Σc² and Σc·q over the query's unclipped cells are matrix products."""
+        if rows is None and "coarse" in self._lazy:
+            return self._lazy["coarse"]
+        cells = self._coarse_cells if rows is None else self._coarse_cells[rows]
+        flat = np.asarray(cells).reshape(len(cells), -1).astype(np.float64) / 65535
+        out = (flat, flat * flat)
+        if rows is None:
+            self._lazy["coarse"] = out
+        return out
+
+    def _ann(self):
+        if "ann" not in self._lazy:
+            path = self.directory / FINGERPRINTS_DIR / ANN_FILE
+            ann = None
+            if self._ann_file and path.exists():
+                from usearch.index import Index
+
+                ann = Index.restore(str(path), view=True)  # memory-mapped
+            if ann is None or len(ann) != len(self._refs):
+                ann = _build_ann(self._coarse_cells)  # an older index, or a lower setting
+            self._lazy["ann"] = ann
+        return self._lazy["ann"]
+
+    def _ann_rows(self, cells: np.ndarray, oriented: list[tuple[np.ndarray, np.ndarray]]
+                  ) -> np.ndarray:
+        """Image numbers the approximate search finds for the query's orientations (each
+        as ``(centred values, mask)`` on the coarse grid) and for all its ``cells``
+        (clipped ones too: a window keeps the order of the values, and the stored vectors
+        are of all cells), of either sign."""
+        step = COARSE_SIZE // ANN_SIZE
+        queries = []
+        every = [_orient(cells, k).ravel().astype(np.float64) for k in range(8)]
+        for centred in [c for c, _ in oriented] + [v - v.mean() for v in every]:
+            small = centred.reshape(ANN_SIZE, step, ANN_SIZE, step).sum(axis=(1, 3)).ravel()
+            small /= max(float(np.linalg.norm(small)), 1e-12)
+            queries += [small, -small]
+        found = self._ann().search(np.array(queries, dtype=np.float32),
+                                   min(ANN_CANDIDATES, len(self._refs)), threads=1)
+        keys = np.asarray(found.keys).ravel()
+        return np.unique(keys[keys < len(self._refs)]).astype(np.int64)
+
     def _coarse_candidates(self, query: _Query) -> list[tuple[int, list[int]]]:
         """The indexed images most like ``query`` on the coarse grid, each with the
         orientations worth confirming; none when too few cells are unclipped (an image
-        that is mostly background or clipped: the detail could not be compared either)."""
+        that is mostly background or clipped: the detail could not be compared either).
+        Above ``ann_min_images`` images only those the approximate search finds are
+        compared, with the same scores."""
         cells, valid = query.cells(COARSE_SIZE)
         if int(valid.sum()) < MIN_COARSE_CELLS:
             return []
-        scores = np.full((len(self._refs), 8), -1.0)
+        oriented = []
         for k in range(8):
             mask = _orient(valid, k).ravel().astype(np.float64)
             values = _orient(cells, k).ravel().astype(np.float64)
             n = mask.sum()
             centred = (values - (values @ mask) / n) * mask
-            q_norm = centred @ centred
-            if q_norm <= 1e-12:
+            if centred @ centred <= 1e-12:
                 return []
-            sums = self._coarse @ mask
-            spread = self._coarse_squared @ mask - sums * sums / n
+            oriented.append((centred, mask))
+        if self.uses_ann:
+            rows = self._ann_rows(cells, oriented)
+            coarse, squared = self._exact_matrices(rows)
+        else:
+            rows = None
+            coarse, squared = self._exact_matrices()
+        scores = np.full((len(coarse), 8), -1.0)
+        for k, (centred, mask) in enumerate(oriented):
+            n = mask.sum()
+            sums = coarse @ mask
+            spread = squared @ mask - sums * sums / n
             # Either sign: an inverted copy counts too.
-            scores[:, k] = np.abs(self._coarse @ centred) / np.sqrt(
-                np.maximum(spread, 1e-12) * q_norm)
+            scores[:, k] = np.abs(coarse @ centred) / np.sqrt(
+                np.maximum(spread, 1e-12) * (centred @ centred))
         best = scores.max(axis=1)
         order = [i for i in np.argsort(-best)[:MAX_CANDIDATES] if best[i] >= COARSE_THRESHOLD]
+        image = (lambda i: int(i)) if rows is None else (lambda i: int(rows[i]))
         # A chest is nearly symmetric: a mirrored copy may correlate about as well unmirrored.
-        return [(int(i), [int(k) for k in np.argsort(-scores[i])[:2]
-                          if scores[i, k] >= best[i] - 0.02]) for i in order]
+        return [(image(i), [int(k) for k in np.argsort(-scores[i])[:2]
+                            if scores[i, k] >= best[i] - 0.02]) for i in order]
 
     def _confirm(self, i: int, orientations: list[int], query: _Query) -> ImageCandidate:
-        stored = self._fine[i].astype(np.float64)
+        stored = self._fine(i).astype(np.float64)
         detail_of_query = query.detail(stored.shape[0])
         threshold = detail_threshold(stored.shape[0])
-        best = ImageCandidate(self._refs[i], 0.0, -1.0, threshold=threshold)
+        ref = str(self._refs[i])
+        best = ImageCandidate(ref, 0.0, -1.0, threshold=threshold)
         for k in orientations:
             plain, detail = _compare(detail_of_query, k, stored)
             if detail > best.detail_correlation:
-                best = ImageCandidate(self._refs[i], plain, detail, threshold=threshold)
+                best = ImageCandidate(ref, plain, detail, threshold=threshold)
         return best
+
+
+def _read_version_2(path: Path) -> dict:
+    """A version 2 index's arrays (one compressed .npz), in memory, as version 3 lays them
+    out."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    order = (np.lexsort(arrays["exact"].T[::-1]) if len(arrays["exact"])
+             else np.zeros(0, dtype=np.int64))
+    arrays["exact"], arrays["exact_image"] = arrays["exact"][order], arrays["exact_image"][order]
+    sizes = arrays["fine_size"].astype(np.int64)
+    arrays["fine_offset"] = (np.concatenate([[0], np.cumsum(sizes * sizes)[:-1]]).astype(np.int64)
+                             if len(sizes) else np.zeros(0, dtype=np.int64))
+    return arrays

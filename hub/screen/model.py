@@ -129,6 +129,15 @@ class ScreenConfig:
     # far below what confirms a bare copy, and are reviewed within the second leeway
     figure_block_leeway: float = 0.0
     figure_review_leeway: float = 0.02
+    # a region of a colour figure: pixels farther than this (RGB distance, of 255) from
+    # the colour its map gives their luminance (or from a rainbow or diverging map) are
+    # laid over it (contour lines, a mask) and take their nearest neighbour's value before
+    # the lookup (at most a quarter of the region); None: looked up as drawn
+    figure_overlay_tolerance: float | None = 64.0
+    # a group of solid blocks filling less of its box than regions do (a body with air
+    # around it) is still a region when an axes' frame is drawn around it and it fills at
+    # least this share of its box
+    figure_framed_min_fill: float = 0.25
     # image checks of one file in parallel (forked processes); findings keep their order
     workers: int = 0  # processes; 0: os.cpu_count(); 1: never a pool
     parallel_min_bytes: int = 2 * MB  # a file's images start a pool once they hold this much
@@ -136,6 +145,11 @@ class ScreenConfig:
     # attachment, the same figure in two files) reuse the first check's findings, reported
     # at each place; decides only the work, never a verdict
     dedupe_images: bool = True
+    # a screening index of more than this many images finds a query's candidates with an
+    # approximate nearest-neighbour search (then checked exactly, as every candidate is);
+    # smaller ones compare the query with every image (same verdicts on the corpus, see
+    # docs/screen.md "A screening index that scales")
+    ann_min_images: int = 5000
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -150,7 +164,9 @@ class Collector:
 
     def __init__(self, config: ScreenConfig, indexes, depth: int = 0):
         self.config = config
-        self.indexes = list(indexes)
+        # an index applies the config's ann_min_images (the same object when it has it)
+        self.indexes = [ix.configured(config) if hasattr(ix, "configured") else ix
+                        for ix in indexes]
         self.depth = depth
         self.findings: list[Finding] = []
         self._seen: set[tuple[str, str, str]] = set()
