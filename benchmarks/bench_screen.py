@@ -24,7 +24,8 @@ fingerprints). In the same process run, as medians of ``MEDZONE_BENCH_REPEATS`` 
 * ``dedup``: a notebook of re-run cells (each of 40 figures shown 5 times) screened with
   and without the image cache: decodes counted, CPU seconds, same findings;
 * ``text_rules``: the text rules alone (``scan_text``, one call per cell source and text
-  output) against one naive regex pass over the same text, both MB/s.
+  output, and the notebook's pre-screen of its texts) against one naive regex pass over the
+  same text, both MB/s.
 
 ``image_ceiling_mb_s`` is what the screen could reach if nothing but the image checks took
 time, spread over every CPU: the notebook's MB over (image seconds / CPUs).

@@ -144,10 +144,15 @@ def test_the_year_tests_rule_out_only_texts_without_dates():
     assert all(text._may_hold_date(s) for s in ("on 2023-01-15", "15.01.2023", "3 Mar 1985"))
 
 
-def test_the_prescreen_leaves_every_text_with_a_finding_to_the_rules(zone, indexes):
-    """Texts pre-screened together: none that the rules find something in is marked clean
-    (leaks in ASCII text and in progress-bar text with block elements and an ellipsis), and
-    the clean texts of a notebook are (so that the screen skips them)."""
+@pytest.mark.parametrize("batch", [None, 300])
+def test_the_prescreen_leaves_every_text_with_a_finding_to_the_rules(zone, indexes,
+                                                                    monkeypatch, batch):
+    """Texts pre-screened together (all at once, and a few at a time): none that the rules
+    find something in is marked clean (leaks in ASCII text and in progress-bar text with
+    block elements and an ellipsis), and the clean texts of a notebook are (so that the
+    screen skips them)."""
+    if batch:
+        monkeypatch.setattr(text, "_PRESCREEN_BATCH", batch)
     rng = np.random.default_rng(5)
     leaks = _leaks(zone)
     clean = [_log(rng, 1), _text_table(rng, 9, 4), _describe(rng), _html_table(rng, 5, 3),

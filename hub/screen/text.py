@@ -369,6 +369,8 @@ def scan_direct_identifiers(text: str, col: Collector, location: str, *,
 _NOT_PLAIN_RE = re.compile("[^\x00-\x7f\u2026\u2500-\u259f]")
 #: At most this many texts are remembered as clean per screen (then they are scanned).
 _CLEAN_TEXTS_MAX = 1 << 20
+#: Texts are pre-screened together up to about this many characters at a time.
+_PRESCREEN_BATCH = 1 << 22
 
 
 def prescreen(texts, probe: IndexProbe, config) -> None:
@@ -387,7 +389,7 @@ def prescreen(texts, probe: IndexProbe, config) -> None:
     here."""
     max_words = max(1, config.max_window_words)
     clean = probe.clean_texts.setdefault(max_words, set())
-    originals, spelt = [], []
+    originals, spelt, size = [], [], 0
     for text in dict.fromkeys(texts):
         if not text or text in clean:
             continue
@@ -398,8 +400,17 @@ def prescreen(texts, probe: IndexProbe, config) -> None:
         else:
             spelt.append(text)
         originals.append(text)
-    if not originals:
-        return
+        size += len(spelt[-1]) + 1
+        if size >= _PRESCREEN_BATCH:  # (the array operations' memory stays bounded)
+            _prescreen(originals, spelt, probe, max_words, clean)
+            originals, spelt, size = [], [], 0
+    if originals:
+        _prescreen(originals, spelt, probe, max_words, clean)
+
+
+def _prescreen(originals: list[str], spelt: list[str], probe: IndexProbe, max_words: int,
+               clean: set[str]) -> None:
+    """``prescreen`` of some texts (``spelt``: each in ASCII)."""
     joined = "\x00".join(spelt)
     starts, at = [], 0
     for text in spelt:
