@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,9 +69,18 @@ class PgDatabases:
         return name
 
     def _drop(self, name: str) -> None:
-        with self._admin.connect() as conn:
-            # FORCE: a connection a failed test left open must not keep the database.
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        # FORCE: a connection a failed test left open must not keep the database. An
+        # autovacuum worker starting in it at that moment can still make the drop fail once
+        # (.ci/postgres grants pg_signal_backend for that): try again before giving up.
+        for attempt in range(3):
+            try:
+                with self._admin.connect() as conn:
+                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except Exception:
+                if attempt == 2:
+                    raise
+                time.sleep(1)
 
     def take(self) -> str:
         """The name of a new, empty database."""

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -211,12 +212,22 @@ def test_admission_is_first_come_first_served():
 
 
 def test_a_burst_larger_than_the_limit_starts_in_turn_without_failure():
+    import tempfile
     import threading
 
     import requests
 
-    with running_hub({DATASET: "data\n"},
-                     extra_config="c.SafeZoneSpawner.max_concurrent_starts = 1\n") as h:
+    # The first start admitted holds its slot (a pre-spawn hook that waits for a file), so
+    # the others wait for admission however slow the machine is, and their progress can be
+    # read while they wait; then the slot is let go and every start must still succeed.
+    hold = Path(tempfile.mkdtemp(prefix="mzhold-", dir="/tmp")) / "go"
+    extra = ("c.SafeZoneSpawner.max_concurrent_starts = 1\n"
+             "import asyncio as _asyncio, os as _os\n"
+             "async def _hold(spawner):\n"
+             f"    while not _os.path.exists({str(hold)!r}):\n"
+             "        await _asyncio.sleep(0.1)\n"
+             "c.Spawner.pre_spawn_hook = _hold\n")
+    with running_hub({DATASET: "data\n"}, extra_config=extra) as h:
         names = ["q1", "q2", "q3"]
         for name in names:
             h.add_store_user(name)
@@ -229,23 +240,31 @@ def test_a_burst_larger_than_the_limit_starts_in_turn_without_failure():
         threads = [threading.Thread(target=post, args=(n,)) for n in names]
         for t in threads:
             t.start()
-        # The spawn page's progress of a start that waits says the zone is busy.
-        messages = []
-        for name in names:
+        assert wait_for(lambda: all(h.api("GET", f"/users/{n}").json()["servers"]
+                                    .get("", {}).get("pending") == "spawn" for n in names),
+                        120), h.log()[-3000:]
+
+        def first_message(name) -> str:
+            """The spawner's first message (after JupyterHub's own "Server requested")."""
             with requests.get(f"{h.url}/hub/api/users/{name}/server/progress", stream=True,
                               headers={"Authorization": f"token {h.token}"},
                               timeout=120) as r:
                 for line in r.iter_lines(decode_unicode=True):
                     if line and line.startswith("data:"):
-                        event = json.loads(line[5:])
-                        messages.append(event.get("message", ""))
-                        if event.get("ready") or event.get("failed"):
-                            break
+                        message = json.loads(line[5:]).get("message", "")
+                        if message != "Server requested":
+                            return message
+            return ""
+
+        # The spawn page's progress of a start that waits says the zone is busy.
+        messages = [first_message(n) for n in names]
+        busy = [m for m in messages if m.startswith("The zone is busy") and "starts in about" in m]
+        assert len(busy) == 2, messages
+        hold.write_text("")
         for t in threads:
             t.join(120)
         assert all(codes[n] in (201, 202) for n in names), codes
         for name in names:
             assert wait_for(lambda: h.api("GET", f"/users/{name}").json()["servers"]
                             .get("", {}).get("ready"), 120), h.log()[-3000:]
-        assert any(m.startswith("The zone is busy") and "starts in about" in m
-                   for m in messages), messages
+        shutil.rmtree(hold.parent, ignore_errors=True)
