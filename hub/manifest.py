@@ -45,6 +45,26 @@ class _SeriesAccumulator:
     frames: int = 0
 
 
+def dicom_facts(ds) -> dict:
+    """What the manifest records of one DICOM dataset, as plain values (small enough to pass
+    between processes)."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    return {
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+        "patient": str(ds.get("PatientID", "")),
+        "rows": None if rows is None else int(rows),
+        "columns": None if columns is None else int(columns),
+        "pixel_spacing_mm": _floats(spacing),
+        "slice_thickness_mm": float(ds.SliceThickness) if ds.get("SliceThickness") else None,
+        "orientation": _floats(ds.get("ImageOrientationPatient")),
+        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "position": _floats(ds.get("ImagePositionPatient")),
+        "instance": int(ds.get("InstanceNumber", 0) or 0),
+    }
+
+
 @dataclass
 class ManifestBuilder:
     """Collects entries while files are staged; ``write`` produces ``manifest.json``."""
@@ -58,29 +78,34 @@ class ManifestBuilder:
     _series: dict[str, _SeriesAccumulator] = field(default_factory=dict)
 
     def add_file(self, stored: Path, rel: PurePosixPath, kind: str, **extra) -> dict:
-        entry = {"path": rel.as_posix(), "kind": kind, "bytes": stored.stat().st_size,
-                 "sha256": sha256_file(stored), **extra}
+        return self.add_entry(rel, kind, stored.stat().st_size, sha256_file(stored), **extra)
+
+    def add_entry(self, rel: PurePosixPath, kind: str, size: int, sha256: str, **extra) -> dict:
+        """A stored file whose size and sha256 are known already (hashed as it was written)."""
+        entry = {"path": rel.as_posix(), "kind": kind, "bytes": int(size), "sha256": sha256,
+                 **extra}
         self.files.append(entry)
         return entry
 
     def add_dicom(self, stored: Path, rel: PurePosixPath, ds) -> None:
-        series_uid = str(ds.get("SeriesInstanceUID", ""))
-        modality = str(ds.get("Modality", ""))
-        self.add_file(stored, rel, "dicom", modality=modality, series_uid=series_uid)
+        self.add_dicom_facts(rel, stored.stat().st_size, sha256_file(stored), dicom_facts(ds))
+
+    def add_dicom_facts(self, rel: PurePosixPath, size: int, sha256: str, facts: dict) -> None:
+        """A stored DICOM file described by :func:`dicom_facts` of its (stored) dataset."""
+        series_uid, modality = facts["series_uid"], facts["modality"]
+        self.add_entry(rel, "dicom", size, sha256, modality=modality, series_uid=series_uid)
         acc = self._series.get(series_uid)
         if acc is None:
             acc = self._series[series_uid] = _SeriesAccumulator(modality=modality,
-                                                                patient=str(ds.get("PatientID", "")))
-            acc.rows, acc.columns = ds.get("Rows"), ds.get("Columns")
-            spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-            acc.pixel_spacing_mm = _floats(spacing)
-            acc.slice_thickness_mm = float(ds.SliceThickness) if ds.get("SliceThickness") else None
-            acc.orientation = _floats(ds.get("ImageOrientationPatient"))
+                                                                patient=facts["patient"])
+            acc.rows, acc.columns = facts["rows"], facts["columns"]
+            acc.pixel_spacing_mm = facts["pixel_spacing_mm"]
+            acc.slice_thickness_mm = facts["slice_thickness_mm"]
+            acc.orientation = facts["orientation"]
         acc.folders.add(rel.parent.as_posix())
-        acc.frames += int(ds.get("NumberOfFrames", 1) or 1)
-        position = _floats(ds.get("ImagePositionPatient"))
-        if position is not None:
-            acc.positions.append((int(ds.get("InstanceNumber", 0) or 0), position))
+        acc.frames += facts["frames"]
+        if facts["position"] is not None:
+            acc.positions.append((facts["instance"], facts["position"]))
 
     def add_table(self, stored: Path, rel: PurePosixPath, frame) -> None:
         self.add_file(stored, rel, "table", rows=int(len(frame)), columns=list(map(str, frame.columns)))

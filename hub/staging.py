@@ -51,11 +51,19 @@ def seal(folder: Path, *, dir_mode: int, file_mode: int | None = None) -> None:
 
 class StagedFolder:
     """``BASE/<label>-<random>``, private (0700) and owned by this process until
-    :meth:`close`; use it as a context manager or call :meth:`close` in a ``finally``."""
+    :meth:`close`; use it as a context manager or call :meth:`close` in a ``finally``.
 
-    def __init__(self, base: Path, label: str | None = None):
+    With ``name``, the folder is ``BASE/<name>`` and may exist already: what a killed owner
+    left there is taken over (``resumed`` is then True) once its lock is free; a live
+    owner's folder raises :class:`Busy`."""
+
+    def __init__(self, base: Path, label: str | None = None, *, name: str | None = None):
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(base, 0o700)
+        self.resumed = False
+        if name is not None:
+            self._take_over(base, name)
+            return
         name = f"{label or os.getpid()}-{secrets.token_hex(8)}"
         self.path = base / name
         hidden = base / f".{name}.locking"
@@ -64,6 +72,29 @@ class StagedFolder:
         self._lock_path = base / f"{name}.lock"
         os.rename(hidden, self._lock_path)
         self.path.mkdir(mode=0o700)
+
+    def _take_over(self, base: Path, name: str) -> None:
+        self.path = base / name
+        self._lock_path = base / f"{name}.lock"
+        while True:
+            lock = open(self._lock_path, "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                raise Busy(f"{name} is being staged by a running process") from None
+            try:
+                same = os.stat(self._lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file a sweeper removed between our open and flock
+                break
+            lock.close()
+        self._lock = lock
+        self.resumed = self.path.is_dir()
+        if not self.resumed:
+            self.path.mkdir(mode=0o700)
+        os.chmod(self.path, 0o700)
 
     def publish(self, final: Path, *, mode: int | None = None) -> Path:
         """Rename the folder to *final* (replacing what a crash left there: the caller
@@ -77,10 +108,12 @@ class StagedFolder:
         fsync_dir(final.parent)
         return final
 
-    def close(self) -> None:
-        """Remove what was not published, then release the folder's name."""
-        remove_tree(self.path)
-        self._lock_path.unlink(missing_ok=True)
+    def close(self, *, keep: bool = False) -> None:
+        """Remove what was not published, then release the folder's name; with ``keep``,
+        leave the folder (and its lock file, now free) for a later owner to take over."""
+        if not keep:
+            remove_tree(self.path)
+            self._lock_path.unlink(missing_ok=True)
         self._lock.close()
 
     def __enter__(self) -> "StagedFolder":
@@ -90,14 +123,20 @@ class StagedFolder:
         self.close()
 
 
-def stage(base: Path, label: str | None = None) -> StagedFolder:
-    """A new private folder under *base*, owned by this process."""
-    return StagedFolder(base, label)
+class Busy(RuntimeError):
+    """A named staging folder whose owner is alive."""
 
 
-def sweep(base: Path) -> list[str]:
+def stage(base: Path, label: str | None = None, *, name: str | None = None) -> StagedFolder:
+    """A new private folder under *base*, owned by this process (with ``name``: that folder,
+    taken over if a dead owner left it; see :class:`StagedFolder`)."""
+    return StagedFolder(base, label, name=name)
+
+
+def sweep(base: Path, *, keep=None) -> list[str]:
     """Remove staged folders under *base* whose owner died before publishing them; their
-    names. Folders of live owners are left alone."""
+    names. Folders of live owners are left alone, and so are dead owners' folders for which
+    ``keep(path)`` is true (work a later run may resume)."""
     if not base.is_dir():
         return []
     swept = []
@@ -114,6 +153,8 @@ def sweep(base: Path) -> list[str]:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its owner is alive and still staging
+            if keep is not None and keep(base / lock_path.stem):
+                continue
             remove_tree(base / lock_path.stem)
             lock_path.unlink(missing_ok=True)
             swept.append(lock_path.stem)

@@ -428,8 +428,11 @@ def _deidentify_file_meta(ds: Dataset, worker: _Deidentifier) -> None:
                                            else worker.pz.remap_uid(original))
 
 
-def deidentify_dicom(ds: Dataset, pz: Pseudonymizer, *, relpath: str = "") -> DicomDeidResult:
-    """A de-identified copy of ``ds`` (the input is not modified).
+def deidentify_dicom(ds: Dataset, pz: Pseudonymizer, *, relpath: str = "",
+                     in_place: bool = False) -> DicomDeidResult:
+    """A de-identified copy of ``ds`` (the input is not modified); with ``in_place``, ``ds``
+    itself is de-identified and returned (no deep copy: what an ingest does with a dataset
+    it has just read and will not use otherwise).
 
     Refuses (``IngestRefused``) images with burned-in annotation and datasets without a
     PatientID (the pseudonym and date shift are keyed on it).
@@ -447,7 +450,7 @@ def deidentify_dicom(ds: Dataset, pz: Pseudonymizer, *, relpath: str = "") -> Di
     if not patient_id:
         raise IngestRefused(f"{where}PatientID is empty: pseudonyms and date shifts are keyed "
                             f"on it", [f"{relpath or 'DICOM'}: PatientID (empty)"])
-    out = copy.deepcopy(ds)
+    out = ds if in_place else copy.deepcopy(ds)
     worker = _Deidentifier(pz, patient_id)
     worker.dataset(out)
     _deidentify_file_meta(out, worker)
