@@ -23,10 +23,13 @@ demo: install
 
 # The store tests also run against a real PostgreSQL: .ci/postgres starts the local
 # cluster and prints the URL the tests use. The slurm executor's tests run against a real
-# one-node Slurm cluster: .ci/slurm starts it (SLURM_CONF) and stops it afterwards.
+# one-node Slurm cluster: .ci/slurm starts it (SLURM_CONF) and stops it afterwards. The PACS
+# import's tests run against a real Orthanc: .ci/orthanc starts it (MEDZONE_TEST_ORTHANC_*).
 test: install
 	@set -euo pipefail; pg_url=$$(bash .ci/postgres); export "$$pg_url"; \
-	slurm_conf=$$(bash .ci/slurm); export "$$slurm_conf"; trap 'bash .ci/slurm stop' EXIT; \
+	slurm_conf=$$(bash .ci/slurm); export "$$slurm_conf"; \
+	trap 'bash .ci/slurm stop; bash .ci/orthanc stop' EXIT; \
+	orthanc_env=$$(bash .ci/orthanc); export $$orthanc_env; \
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: install

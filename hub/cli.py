@@ -104,10 +104,40 @@ def cmd_dataset_add(args, home: MedZoneHome) -> int:
     key = read_pseudonym_key(home, args.key_file) if args.deidentify else None
     if key is None and args.key_file and not args.deidentify:
         raise InvalidInput("--key-file only applies with --deidentify")
+    if args.from_pacs:
+        return _dataset_add_from_pacs(args, home, key)
+    if not args.source:
+        raise InvalidInput("give a SOURCE folder, or --from-pacs URL-or-AET@host:port")
     store = open_store(home)
     report = ingest_dataset(home, store, args.id, Path(args.source), title=args.title,
                             deidentify=args.deidentify, pseudonym_key=key,
                             actor=args.by or default_actor(), progress=not args.quiet)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.summary_line())
+    return 0
+
+
+def _dataset_add_from_pacs(args, home: MedZoneHome, key: bytes | None) -> int:
+    from .pacs import import_from_pacs, parse_move_destination, read_pacs_credentials
+
+    if args.source:
+        raise InvalidInput("give a SOURCE folder or --from-pacs, not both")
+    query = {}
+    for item in args.pacs_query or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"--pacs-query takes KEY=VALUE, not {item!r}")
+        query[name.strip()] = value.strip()
+    split = lambda values: [v for item in values or [] for v in item.split(",")]  # noqa: E731
+    report = import_from_pacs(
+        home, open_store(home), args.id, source=args.from_pacs,
+        accessions=split(args.accession), study_uids=split(args.study_uid), query=query,
+        credentials=read_pacs_credentials(home, args.pacs_credentials),
+        calling_aet=args.calling_aet, move_to=parse_move_destination(args.pacs_move_to),
+        download_root=args.download_dir, title=args.title, deidentify=args.deidentify,
+        pseudonym_key=key, actor=args.by or default_actor(), progress=not args.quiet)
     if args.json:
         _print_json(report.as_dict())
     else:
@@ -618,7 +648,27 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dataset_command", required=True, metavar="ACTION")
     add = dataset.add_parser("add", help="validate, (de-identify,) and store a source folder")
     add.add_argument("id", help="dataset id: lowercase letters, digits and hyphens")
-    add.add_argument("source", help="folder of DICOM files, CSV tables and NIfTI masks")
+    add.add_argument("source", nargs="?",
+                     help="folder of DICOM files, CSV tables and NIfTI masks")
+    pacs = add.add_argument_group("import from a PACS (instead of SOURCE)")
+    pacs.add_argument("--from-pacs", metavar="URL-or-AET@HOST:PORT",
+                      help="a DICOMweb service (http(s)://host:port/dicom-web) or a DICOM node")
+    pacs.add_argument("--accession", action="append", metavar="NUMBER",
+                      help="a study's accession number (repeat, or comma-separate)")
+    pacs.add_argument("--study-uid", action="append", metavar="UID",
+                      help="a study instance UID (repeat, or comma-separate)")
+    pacs.add_argument("--pacs-query", action="append", metavar="KEY=VALUE",
+                      help="study-level matching key, e.g. StudyDate=20240101-20241231 (repeat)")
+    pacs.add_argument("--pacs-credentials", metavar="FILE",
+                      help='JSON {"username": …, "password": …} (default: '
+                      "$MEDZONE_PACS_CREDENTIALS, else $MEDZONE_PACS_USERNAME/PASSWORD)")
+    pacs.add_argument("--calling-aet", help="MedZone's AE title towards a DICOM node "
+                      "(default: $MEDZONE_PACS_CALLING_AET or MEDZONE)")
+    pacs.add_argument("--pacs-move-to", metavar="[HOST:]PORT",
+                      help="retrieve by C-MOVE to this address (default: C-GET)")
+    pacs.add_argument("--download-dir", metavar="DIR", help="where downloads wait for ingest, "
+                      "outside MEDZONE_HOME (default: $MEDZONE_PACS_DOWNLOAD_DIR or "
+                      "~/.cache/medzone/pacs)")
     add.add_argument("--title")
     add.add_argument("--deidentify", action="store_true",
                      help="apply the DICOM PS3.15 basic profile and pseudonymize tables")
