@@ -6,11 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import (bench_ingest, bench_login, bench_queue, bench_screen, bench_screen_text,
-               bench_slurm, bench_spawn, bench_volume, eval_screen)
+from . import (bench_index, bench_ingest, bench_login, bench_queue, bench_screen,
+               bench_screen_text, bench_slurm, bench_spawn, bench_volume, eval_screen)
 
 BENCHMARKS = {
     "ingest": bench_ingest.run,
+    "index": bench_index.run,  # screening one figure against 1k, 10k, 100k images
     "login": bench_login.run,
     "screen": bench_screen.run,
     "screen_text": bench_screen_text.run,  # text rules against a naive regex
