@@ -772,6 +772,8 @@ class _Staging:
                         if entry.name != JOURNAL_FILE:
                             staging.remove_tree(entry)
             staging.remove_tree(self.incoming)  # a killed run's unfinished files
+            for dirpath, _, _ in os.walk(self.data):  # killed while sealing: writable again
+                os.chmod(dirpath, 0o700)
             self.data.mkdir(exist_ok=True)
             self.incoming.mkdir()
         except BaseException:
