@@ -213,3 +213,58 @@ def test_a_slice_drawn_in_jet_blocks(indexes, zone):
     col = Collector(ScreenConfig(), indexes)
     check_figure(_decode(data), col, "jet.png", indexes)
     assert all(f.severity != "block" for f in col.findings)
+
+
+def test_a_body_with_dark_air_inside_axes_is_found_by_the_frame(indexes, zone):
+    # dark_background: the image's air is as black as the figure, so the body alone is ink;
+    # a slice whose body fills too little of its box to be a region is found by the axes'
+    # frame drawn around it.
+    plt = _plt()
+    found = None
+    for kind, values in load_images(zone.home.dataset_dir("demo"), ct_step=4):
+        if kind != "CT":
+            continue
+        with plt.style.context("dark_background"):
+            fig, ax = plt.subplots(figsize=(4, 3.3), dpi=80)
+            image = ax.imshow(values, cmap="magma", vmin=-160, vmax=240, origin="lower")
+            fig.colorbar(image, ax=ax, fraction=0.05)
+            ax.set_title("case 3")
+            box = _box(fig, image)
+            data = _png(fig)
+        if not any(_near(r, box) for r in find_regions(_decode(data), framed_fill=1.0)):
+            found = (box, data)
+            break
+    assert found is not None, "no slice whose body alone is too loose a region"
+    box, data = found
+    assert any(_near(r, box) for r in find_regions(_decode(data)))
+    assert screen_bytes("dark.png", data, indexes=indexes).verdict == "block"
+
+
+@pytest.mark.parametrize("cmap", ["jet", "magma"])
+def test_contour_lines_over_a_map_are_filled_in(slices, cmap):
+    from PIL import Image
+
+    from medzone_hub.screen.regions import recoloured
+
+    plt = _plt()
+    values = np.clip(slices[2], -1000, 400)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    image = ax.imshow(values, cmap=cmap, vmin=-1000, vmax=400)
+    ax.contour(values, levels=[float(np.percentile(values, 60))], colors="m", linewidths=1.5)
+    box = _box(fig, image)
+    data = _png(fig)
+    grey = _decode(data)
+    colour = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    region = next(r for r in find_regions(grey) if _near(r, box))
+    filled = recoloured(region, colour, ScreenConfig().figure_overlay_tolerance)
+    assert filled is not None
+    as_drawn = recoloured(region, colour) or region
+
+    def fit(r):
+        small = np.asarray(Image.fromarray(values.astype(np.float32)).resize(
+            r.pixels.shape[::-1], Image.BILINEAR))
+        return abs(np.corrcoef(r.pixels.ravel().astype(float), small.ravel())[0, 1])
+
+    # The line's magenta is not the map's colour for its luminance: it takes its
+    # neighbours' values, and the region follows the slice more closely.
+    assert fit(filled) > fit(as_drawn)

@@ -159,16 +159,18 @@ def check_figure(arr: np.ndarray, col: Collector, location: str, indexes,
     values the map was given (its colours decoded once, only for figures with regions)."""
     cfg = col.config
     review = False
-    regions = find_regions(arr, max_regions=cfg.max_figure_regions)
+    regions = find_regions(arr, max_regions=cfg.max_figure_regions,
+                           framed_fill=cfg.figure_framed_min_fill)
     colour = _colour(data) if regions and data is not None and arr.ndim == 2 else None
     for region in regions:
         source = arr
         if colour is not None:
-            mapped = recoloured(region, colour)
+            mapped = recoloured(region, colour, cfg.figure_overlay_tolerance)
             if mapped is not None:
                 region, source = mapped, colour
         for ix in indexes:
-            shortfall, cand = _closest(ix, source, region, cfg.figure_block_leeway)
+            shortfall, cand = _closest(ix, source, region, cfg.figure_block_leeway,
+                                       cfg.figure_overlay_tolerance)
             if cand is not None and shortfall <= cfg.figure_block_leeway:
                 col.add(RULE_DATASET_IMAGE, BLOCK, location,
                         f"a figure that draws a dataset image ({cand.ref}; "
@@ -206,7 +208,7 @@ def _shortfall(ix, pixels: np.ndarray):
     return best
 
 
-def _closest(ix, arr: np.ndarray, region, enough: float):
+def _closest(ix, arr: np.ndarray, region, enough: float, overlay: float | None = None):
     """:func:`_shortfall` of a region, its edges moved by a pixel at a time (each side,
     in or out, twice round) while that brings it closer, when it is near enough to try."""
     best = _shortfall(ix, region.pixels)
@@ -222,7 +224,7 @@ def _closest(ix, arr: np.ndarray, region, enough: float):
                 trial[side] += step
                 if not 0 <= trial[side] <= limits[side]:
                     continue
-                found = _shortfall(ix, region_pixels(arr, *trial)[0])
+                found = _shortfall(ix, region_pixels(arr, *trial, overlay)[0])
                 if found[0] < best[0]:
                     best, edges, moved = found, trial, True
                     if best[0] <= enough:

@@ -28,6 +28,15 @@ BLOCK = 4
 SOLID = 0.75
 #: A region's solid blocks fill at least this much of its bounding box.
 MIN_FILL = 0.6
+#: ... or this much, when an axes' frame is drawn around it (an image with white or black
+#: air around the body: the body alone fills less of its box; ``ScreenConfig``'s
+#: ``figure_framed_min_fill``).
+FRAMED_MIN_FILL = 0.25
+#: ... and its box covers at least this share of the frame (a body inside its image does;
+#: a dense cloud of points in the middle of a scatter plot's axes does not).
+FRAMED_MIN_SHARE = 0.4
+#: The lines of an axes' frame are at most this thick (pixels); a colour bar is wider.
+FRAME_THICKNESS = 4
 #: Pixels that differ from both their left and upper neighbour: an acquired image is noisy
 #: almost everywhere, a colour bar or a bar chart is not. Below this share, the index could
 #: not confirm a copy either (it needs 64 of 1024 coarse cells textured), so no lookup.
@@ -151,10 +160,12 @@ def _table(name: str) -> np.ndarray:
     return table
 
 
-def _unmapped(crop: np.ndarray) -> np.ndarray | None:
+def _unmapped(crop: np.ndarray, overlay: float | None = None) -> np.ndarray | None:
     """The values (0…255) a rainbow or diverging colour map was given to draw an RGB crop,
     when its colours lie on one of :data:`COLOUR_MAPS`; None otherwise (a grey crop, a
-    map whose luminance follows the value)."""
+    map whose luminance follows the value). With ``overlay``, the pixels of a PNG that lie
+    farther than that from the map (a contour, a mask laid over it) take the value of the
+    nearest pixel that does (see :func:`_filled`)."""
     rgb = np.ascontiguousarray(crop[..., :3]).astype(np.uint8, copy=False)
     spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
     if np.count_nonzero(spread > INK_TOLERANCE) < 0.05 * spread.size:
@@ -184,10 +195,54 @@ def _unmapped(crop: np.ndarray) -> np.ndarray | None:
         typical = float(dist[order][np.searchsorted(np.cumsum(weights[order]), 0.75)
                                     .clip(max=order.size - 1)])
         if typical <= best[0]:
-            best = (typical, nearest)
+            best = (typical, nearest, dist)
     if best[1] is None:
         return None
-    return best[1].astype(np.uint8)[inverse.reshape(-1)].reshape(rgb.shape[:2])
+    values = best[1].astype(np.uint8)[inverse.reshape(-1)].reshape(rgb.shape[:2])
+    if overlay is None or tolerance != MAP_TOLERANCE:
+        return values
+    return _filled(values, (best[2] > overlay)[inverse.reshape(-1)].reshape(rgb.shape[:2]))
+
+
+def _off_map(crop: np.ndarray, overlay: float) -> np.ndarray | None:
+    """The luminance of a PNG crop drawn in a map whose luminance follows the value, with
+    what is laid over it (contour lines, a mask in another colour) filled in (see
+    :func:`_filled`); None when nothing is laid over it. A map gives each luminance one
+    colour: a pixel farther than ``overlay`` from the commonest colour of its luminance
+    is not the map's."""
+    rgb = np.ascontiguousarray(crop[..., :3]).astype(np.uint8, copy=False)
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) \
+        | rgb[..., 2]
+    colours, inverse, counts = np.unique(packed.ravel(), return_inverse=True,
+                                         return_counts=True)
+    if colours.size > MAX_MAP_COLOURS:
+        return None  # a JPEG: its colours blur, one luminance has many
+    points = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255],
+                      axis=1).astype(np.float32)
+    luma = np.rint(points @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.int64)
+    # The commonest colour of each luminance.
+    order = np.lexsort((-counts, luma))
+    first = np.r_[True, luma[order][1:] != luma[order][:-1]]
+    mode = np.zeros((256, 3), np.float32)
+    mode[luma[order][first]] = points[order][first]
+    far = np.sqrt(((points - mode[luma]) ** 2).sum(axis=1)) > overlay
+    if not far.any():
+        return None
+    off = far[inverse.reshape(-1)].reshape(rgb.shape[:2])
+    return _filled(_grey(rgb), off)
+
+
+def _filled(values: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """``values`` with the pixels ``off`` taking the value of the nearest pixel not off;
+    as they are when nothing, or more than a quarter, is off (then the map is not what
+    the region shows)."""
+    share = float(off.mean()) if off.size else 0.0
+    if share == 0.0 or share > 0.25:
+        return values
+    from scipy import ndimage
+
+    index = ndimage.distance_transform_edt(off, return_distances=False, return_indices=True)
+    return values[tuple(index)]
 
 
 def _scale(gray: np.ndarray) -> float:
@@ -207,9 +262,11 @@ def background(gray: np.ndarray) -> tuple[float, float]:
     return float(values[i]), float(counts[i]) / border.size
 
 
-def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
+def find_regions(image: np.ndarray, *, max_regions: int = 24,
+                 framed_fill: float = FRAMED_MIN_FILL) -> list[Region]:
     """Image-like regions of a figure, largest first, then the tiles of montages;
-    at most ``max_regions``. The whole canvas is never one of them (the caller checks the
+    at most ``max_regions``. A group of solid blocks that fills less than ``MIN_FILL`` of
+    its box but at least ``framed_fill`` is one when an axes' frame is drawn around it. The whole canvas is never one of them (the caller checks the
     whole image itself) unless it is a montage, whose tiles are returned."""
     gray = _grey(image)
     if gray.ndim != 2 or min(gray.shape) < MIN_SIDE:
@@ -234,13 +291,20 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
             bh_, bw_ = rows.stop - rows.start, cols.stop - cols.start
             if min(bh_, bw_) * BLOCK < MIN_SIDE:
                 continue
-            if np.count_nonzero(labels[box] == label) < MIN_FILL * bh_ * bw_:
+            filled = np.count_nonzero(labels[box] == label)
+            loose = filled < MIN_FILL * bh_ * bw_
+            if loose and filled < framed_fill * bh_ * bw_:
                 continue
             if not _moving(trimmed[rows.start * BLOCK:rows.stop * BLOCK:2,
                                    cols.start * BLOCK:cols.stop * BLOCK]):
                 continue  # flat fills: bars, a confusion matrix, a blocky heatmap
+            framed: list[bool] = []
             edges = _edges(gray, bg, tolerance, rows.start * BLOCK, rows.stop * BLOCK,
-                           cols.start * BLOCK, cols.stop * BLOCK)
+                           cols.start * BLOCK, cols.stop * BLOCK, framed)
+            if edges is not None and loose and not (
+                    framed == [True] and bh_ * bw_ * BLOCK * BLOCK
+                    >= FRAMED_MIN_SHARE * (edges[1] - edges[0]) * (edges[3] - edges[2])):
+                continue  # a dense cloud of points inside axes: not an image
             if edges is not None:
                 boxes.append(edges)
     out: list[Region] = []
@@ -257,23 +321,36 @@ def find_regions(image: np.ndarray, *, max_regions: int = 24) -> list[Region]:
     return (out + tiles)[:max_regions]
 
 
-def region_pixels(image: np.ndarray, top: int, bottom: int, left: int, right: int
-                  ) -> tuple[np.ndarray, bool]:
+def region_pixels(image: np.ndarray, top: int, bottom: int, left: int, right: int,
+                  overlay: float | None = None) -> tuple[np.ndarray, bool]:
     """A rectangle of the figure as the index should see it (see :func:`_clamped` and
-    :func:`_source_pixels`), and whether it was sampled back to its source pixels."""
+    :func:`_source_pixels`), and whether it was sampled back to its source pixels. With
+    ``overlay``, what is laid over a colour region is filled in (see :func:`_values`)."""
     crop = np.asarray(image)[top:bottom, left:right]
-    values = _unmapped(crop) if crop.ndim == 3 and crop.shape[2] >= 3 else None
+    values = _values(crop, overlay) if crop.ndim == 3 and crop.shape[2] >= 3 else None
     return _source_pixels(_clamped(_grey(crop) if values is None else values))
 
 
-def recoloured(region: Region, colour: np.ndarray) -> Region | None:
+def _values(crop: np.ndarray, overlay: float | None) -> np.ndarray | None:
+    """The values a colour crop was drawn from: mapped back from a rainbow or diverging
+    map (:func:`_unmapped`), or, with ``overlay``, its luminance with contour lines and
+    masks filled in (:func:`_off_map`); None: its luminance as it is."""
+    values = _unmapped(crop, overlay)
+    if values is None and overlay is not None:
+        values = _off_map(crop, overlay)
+    return values
+
+
+def recoloured(region: Region, colour: np.ndarray, overlay: float | None = None
+               ) -> Region | None:
     """The region with the values a rainbow or diverging colour map was given in place of
-    its luminance (see :func:`_unmapped`), from the figure's RGB pixels ``colour``; None
-    when its colours lie on none of :data:`COLOUR_MAPS`."""
+    its luminance (see :func:`_unmapped`), from the figure's RGB pixels ``colour``; with
+    ``overlay``, also a region whose luminance follows its map with contour lines or a
+    mask laid over it filled in (:func:`_values`); None when neither applies."""
     crop = np.asarray(colour)[region.top:region.bottom, region.left:region.right]
     if crop.ndim != 3 or crop.shape[2] < 3 or min(crop.shape[:2]) < MIN_SIDE:
         return None
-    values = _unmapped(crop)
+    values = _values(crop, overlay)
     if values is None:
         return None
     pixels, sampled = _source_pixels(_clamped(values))
@@ -288,9 +365,9 @@ def recoloured(region: Region, colour: np.ndarray) -> Region | None:
                   region.tile, sampled)
 
 
-def _edges(gray, bg, tolerance, r0, r1, c0, c1):
+def _edges(gray, bg, tolerance, r0, r1, c0, c1, framed=None):
     """The rectangle's edges at full resolution (rows and columns mostly ink), less a frame
-    drawn around it."""
+    drawn around it (``framed``: see :func:`_frame_around`)."""
     h, w = gray.shape
     r0, c0 = max(0, r0 - BLOCK), max(0, c0 - BLOCK)
     r1, c1 = min(h, r1 + BLOCK), min(w, c1 + BLOCK)
@@ -300,24 +377,27 @@ def _edges(gray, bg, tolerance, r0, r1, c0, c1):
     if rr.size < MIN_SIDE // 2 or cc.size < MIN_SIDE // 2:
         return None
     top, bottom, left, right = r0 + rr[0], r0 + rr[-1] + 1, c0 + cc[0], c0 + cc[-1] + 1
-    top, bottom, left, right = _frame_around(gray, bg, tolerance, top, bottom, left, right)
+    top, bottom, left, right = _frame_around(gray, bg, tolerance, top, bottom, left, right,
+                                             framed)
     top, bottom, left, right = _unframe(gray, top, bottom, left, right, tolerance / INK_TOLERANCE)
     if min(bottom - top, right - left) < MIN_SIDE // 2:
         return None
     return top, bottom, left, right
 
 
-def _frame_around(gray, bg, tolerance, top, bottom, left, right):
+def _frame_around(gray, bg, tolerance, top, bottom, left, right, framed=None):
     """The axes' frame around a region whose own edges do not show (an image whose border
     has the figure's colour: ``gray_r`` with white air, a dark style with black air): the
-    nearest lines, on all four sides, that run across the whole region; the region as it
-    is when there is no such frame (``axis("off")``)."""
+    nearest thin lines (at most ``FRAME_THICKNESS`` pixels) that run across the region,
+    rows and columns apart; the region as it is where there is no such frame
+    (``axis("off")``). ``framed``, a list, is told whether all four lines were found."""
     h, w = gray.shape
     reach_v, reach_h = max(8, bottom - top), max(8, right - left)
 
     def find(block, axis, outward_first):
-        """How far out the first line lies that runs across the region, with no more
-        ink beyond it (the image itself may hold a long straight band)."""
+        """How far out the first thin line lies that runs across the region, with no more
+        ink beyond it (the image itself may hold a long straight band, a colour bar is
+        wide)."""
         if block.size == 0:
             return None
         covered = np.count_nonzero(np.abs(block.astype(np.float32) - bg) > tolerance,
@@ -328,20 +408,31 @@ def _frame_around(gray, bg, tolerance, top, bottom, left, right):
         lines = np.flatnonzero(covered >= 0.9 * span)
         for d in lines:
             if d + 1 < covered.size and covered[d + 1] < 0.5 * span:
-                return int(d) + 1
+                inked = covered[:d + 1] >= 0.5 * span
+                thick = d + 1 - (np.flatnonzero(~inked)[-1] + 1 if not inked.all() else 0)
+                if thick <= FRAME_THICKNESS or d <= FRAME_THICKNESS:
+                    return int(d) + 1
         return None
 
     up = find(gray[max(0, top - reach_v):top, left:right], 1, True)
     down = find(gray[bottom:min(h, bottom + reach_v), left:right], 1, False)
-    if up is None or down is None or max(up, down) <= 3:
+    if up is None or down is None:
+        if framed is not None:
+            framed.append(False)
         return top, bottom, left, right
-    rows = slice(top - up, bottom + down)
-    before = find(gray[rows, max(0, left - reach_h):left], 0, True)
-    after = find(gray[rows, right:min(w, right + reach_h)], 0, False)
+    # Lines right at the region's rows: its own edges show there; the columns may not.
+    rows = (top - up, bottom + down) if max(up, down) > 3 else (top, bottom)
+    before = find(gray[rows[0]:rows[1], max(0, left - reach_h):left], 0, True)
+    after = find(gray[rows[0]:rows[1], right:min(w, right + reach_h)], 0, False)
+    if framed is not None:
+        framed.append(before is not None and after is not None)
     if before is None or after is None:
         return top, bottom, left, right
+    if max(before, after) > 3:
+        left, right = left - before, right + after
+    top, bottom = rows
     # The frame lines themselves go too (see _unframe).
-    return top - up, bottom + down, left - before, right + after
+    return top, bottom, left, right
 
 
 def _unframe(gray, top, bottom, left, right, scale: float = 1.0, most: int = 3):
