@@ -20,6 +20,9 @@ variants change with the pair; the figure corpus is built smaller than its defau
 is *caught* when its rule fires and the verdict is the expected one; a clean case is a
 false positive of every rule that fires on it.
 
+The figure corpus is also counted per style and per colour map (leaks blocked + reviewed
+of all, clean cases flagged): ``figures`` in each split's summary.
+
 ``python -m benchmarks eval_screen`` prints the tables and writes
 ``benchmarks/results/eval_screen.json``. ``MEDZONE_EVAL_QUICK=1`` keeps one pair per split.
 """
@@ -157,6 +160,21 @@ class _Tally:
                 "false_positives": self.flagged[:40]}
 
 
+def _figure_keys(label: str) -> tuple[str, str | None]:
+    """(style, colour map) of a figure case's label ("dataset: axes, CT, gray_r, ...",
+    "plot: roc"); the map is None for ordinary plots."""
+    source, _, what = label.partition(": ")
+    parts = what.split(", ")
+    if source == "plot" or len(parts) < 3:
+        return f"plot {parts[0]}", None
+    return parts[0].split()[0], parts[2]
+
+
+def _figure_table(tallies: dict) -> dict:
+    """Per style (or colour map): leaks, blocked, reviewed; clean cases, flagged."""
+    return {key: dict(t) for key, t in sorted(tallies.items())}
+
+
 def _pairs(split, quick: bool) -> list[tuple[int, int]]:
     return list(split[:1] if quick else split)
 
@@ -187,6 +205,8 @@ def run() -> dict:
         tmp = Path(tmp)
         for split_name, split in (("calibration", CALIBRATION), ("evaluation", EVALUATION)):
             total, by_corpus = _Tally(), defaultdict(_Tally)
+            figure_counts = {"style": defaultdict(lambda: defaultdict(int)),
+                             "colour_map": defaultdict(lambda: defaultdict(int))}
             seconds: dict[str, float] = defaultdict(float)
             indexed: dict[int, tuple] = {}
             for indexed_seed, other_seed in _pairs(split, quick):
@@ -215,6 +235,19 @@ def run() -> dict:
                         verdict = _screen(case, indexes, work)
                         total.add(case, verdict, where)
                         by_corpus[module].add(case, verdict, where)
+                        if module == "screen_corpus_figures":
+                            style, cmap = _figure_keys(case.label)
+                            for kind, key in (("style", style), ("colour_map", cmap)):
+                                if key is None:
+                                    continue
+                                t = figure_counts[kind][key]
+                                if case.rule:
+                                    t["leaks"] += 1
+                                    t["blocked"] += verdict.verdict == "block"
+                                    t["reviewed"] += verdict.verdict == "review"
+                                else:
+                                    t["clean"] += 1
+                                    t["flagged"] += verdict.verdict != "pass"
                     seconds[module] += time.perf_counter() - t0
                 print(f"  {split_name}: cohorts {indexed_seed}/{other_seed} screened "
                       f"({time.perf_counter() - started:.0f} s)")
@@ -225,8 +258,15 @@ def run() -> dict:
             for m, sec in seconds.items():
                 summary["by_corpus"].setdefault(m, {})["wall_s"] = round(sec, 1)
             summary["pairs"] = _pairs(split, quick)
+            summary["figures"] = {kind: _figure_table(t) for kind, t in figure_counts.items()}
             result["splits"][split_name] = summary
             _print(split_name, summary)
+            for kind, table in summary["figures"].items():
+                if table:
+                    print(f"  figures by {kind}: " + "; ".join(
+                        f"{k} {t['blocked']}+{t['reviewed']}/{t['leaks']} "
+                        f"({t['flagged']}/{t['clean']} clean flagged)"
+                        for k, t in table.items() if t["leaks"]))
     result["errors"] = errors
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["cpu_s"] = round(time.process_time() - cpu0, 1)
