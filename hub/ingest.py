@@ -34,7 +34,7 @@ from .deid.tables import deidentify_table, read_csv_table, table_findings
 from .indexes import screening_index_key
 from .manifest import ManifestBuilder, dicom_facts, sha256_file
 from .registry import dataset_exists, register_dataset, validate_dataset_id
-from .screen.index import InvalidIndex, ScreeningIndexBuilder
+from .screen.index import REF_SLOT, InvalidIndex, ScreeningIndexBuilder, dicom_ref_facts
 from .screen.recognizers import find_identifiers
 
 SUPPORTED = "DICOM files, CSV tables and NIfTI images"
@@ -461,8 +461,6 @@ class _DicomWorker:
 
     def _run(self, position: int, src: SourceFile) -> _DicomDone:
         import io
-
-        from .screen.index import REF_SLOT, dicom_ref_facts
 
         out = self.incoming / f"{position}.dcm"
         ds = read_dicom(src)
