@@ -12,10 +12,16 @@ papermill runs in the users' bubblewrap sandboxes.
   median.
 * **Throughput**: 20 tiny runs queued at once by three users (10, 6, 4) with
   ``RunQueue.slots = 2`` and the default ``per_user_limit`` (no cap: users take turns); the order the worker started
-  them (round-robin) and the total time against ``20 × one run ÷ 2``, where one run is the
+  them (round-robin: ``started_out_of_turn`` counts the runs that started while a user
+  served longer ago had one queued; the runs are enqueued one by one while the worker
+  starts them, so the first ones start as they come) and the total time against
+  ``20 × one run ÷ 2``, where one run is the
   median wall time of the queued runs of the overhead part (each alone). Goal: ≤ 1.2×.
-  Reported beside it: the runs' median while two share the machine, and the share of the
-  total the slots stood idle between runs (what the queue itself costs).
+  Reported beside it: the runs' median while two share the machine, the share of the
+  total the slots stood idle between runs (what the queue itself costs), and where that
+  idle time goes: from a run's end (``finished_at``) to the claim of the run that takes its
+  slot, and from a claim to the run's start (``started_at``: the fork and the run
+  process's first look at the store).
 
 ``MEDZONE_BENCH_QUEUE_RUNS`` (default 6) sets the overhead runs per variant, warm-up
 included.
@@ -32,16 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nbformat
+from sqlalchemy import func, select
 
 from medzone_hub import accounts, runner, runqueue
 from medzone_hub.config import ENV_DB_URL, ENV_HOME, MedZoneHome
 from medzone_hub.db import connect
 from medzone_hub.hubapp import DEFAULT_CONFIG
-from medzone_hub.models import Run
+from medzone_hub.models import Run, User
 
 RUNS = int(os.environ.get("MEDZONE_BENCH_QUEUE_RUNS", "6"))
 THROUGHPUT = (("ann", 10), ("ben", 6), ("cat", 4))
@@ -76,11 +83,44 @@ def _row(store, run_id: int) -> Run:
 
 
 def _wait(store, ids, timeout: float = 900) -> None:
+    # One query a look, so that watching the runs costs the two shared CPUs next to nothing.
     deadline = time.monotonic() + timeout
-    while not all(_row(store, i).state in runner.ENDED for i in ids):
+    query = select(func.count()).select_from(Run).where(Run.id.in_(list(ids)),
+                                                        Run.state.in_(runner.ENDED))
+    while True:
+        with store.session() as session:
+            if session.scalar(query) == len(ids):
+                return
         if time.monotonic() > deadline:
             raise RuntimeError("runs did not finish")
         time.sleep(0.05)
+
+
+def _seconds(a, b) -> float:
+    return (b - a).total_seconds()
+
+
+def _out_of_turn(rows, served: dict, settle: float = 1.0) -> list[int]:
+    """The runs (of *rows*, with *served*: when each user was last served before them)
+    that started out of turn: when each was claimed, a user with a run already queued
+    was served longer ago (or never, queued earlier). The runs are enqueued one by one
+    while the worker starts them, so who was waiting is read from the runs' own times: a
+    run queued at least *settle* seconds before (``queued_at`` is stamped before its
+    enqueue commits, so a run stamped just before a claim may not have been seen yet)."""
+    served = dict(served)
+    wrong = []
+    for run in sorted(rows, key=lambda r: (r.claimed_at, r.id)):
+        waiting = {run.user.name: run.queued_at}
+        for other in rows:
+            if (other.claimed_at, other.id) > (run.claimed_at, run.id) and \
+                    other.queued_at + timedelta(seconds=settle) <= run.claimed_at:
+                first = waiting.get(other.user.name)
+                waiting[other.user.name] = min(first or other.queued_at, other.queued_at)
+        turn = min(waiting, key=lambda u: (u in served, served.get(u), waiting[u]))
+        if run.user.name != turn:
+            wrong.append(run.id)
+        served[run.user.name] = run.claimed_at
+    return wrong
 
 
 def run() -> dict:
@@ -122,6 +162,10 @@ def run() -> dict:
                 one_run.append((row.finished_at - row.started_at).total_seconds())
         added = statistics.median(queued) - statistics.median(direct)
 
+        with store.session() as session:
+            served = dict(session.execute(
+                select(User.name, func.max(Run.claimed_at)).join(Run.user)
+                .where(Run.claimed_at.is_not(None)).group_by(User.name)).all())
         t0 = time.monotonic()
         ids = []
         for user, n in THROUGHPUT:
@@ -131,11 +175,19 @@ def run() -> dict:
         total = time.monotonic() - t0
         rows = sorted((_row(store, i) for i in ids), key=lambda r: (r.claimed_at, r.id))
         order = [r.user.name for r in rows]
+        out_of_turn = _out_of_turn(rows, served)
         ideal = len(ids) * statistics.median(one_run) / SLOTS
         # How long each run took while another ran beside it (two kernels on a machine of
         # two shared CPUs), and how much of the total the slots stood idle between runs.
         busy = [(r.finished_at - r.started_at).total_seconds() for r in rows]
         packed = sum(busy) / SLOTS
+        at_once = max(sum(1 for o in rows if o.started_at <= r.started_at < o.finished_at)
+                      for r in rows)
+        # The k-th run to end frees the slot the (k + SLOTS)-th claim takes.
+        claims = sorted(r.claimed_at for r in rows)
+        ends = sorted(r.finished_at for r in rows)
+        handover = [_seconds(end, claim) for end, claim in zip(ends, claims[SLOTS:])]
+        claim_to_start = [_seconds(r.claimed_at, r.started_at) for r in rows]
         return {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work "
                        "while measured)",
@@ -151,13 +203,17 @@ def run() -> dict:
                 "runs": len(ids), "slots": SLOTS,
                 "users": {u: n for u, n in THROUGHPUT},
                 "start_order": order,
+                "started_out_of_turn": len(out_of_turn),
                 "one_run_median_s": round(statistics.median(one_run), 2),
                 "total_s": round(total, 2),
                 "ideal_s": round(ideal, 2),
                 "ratio": round(total / ideal, 3),
                 "run_median_while_sharing_s": round(statistics.median(busy), 2),
                 "slots_busy_s": round(packed, 2),
+                "most_running_at_once": at_once,
                 "queue_idle_share": round(1 - packed / total, 3),
+                "end_to_next_claim_median_s": round(statistics.median(handover), 3),
+                "claim_to_start_median_s": round(statistics.median(claim_to_start), 3),
                 "goal_ratio": GOAL_THROUGHPUT,
                 "meets_goal": total / ideal <= GOAL_THROUGHPUT,
                 "all_done": all(r.state == "done" for r in rows),
