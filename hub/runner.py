@@ -605,15 +605,14 @@ def _python_version(prefix: str) -> str | None:
 def _package_versions(prefix: str) -> dict[str, str]:
     from importlib import metadata
 
-    if os.path.realpath(prefix) == os.path.realpath(sys.prefix):
-        dists = metadata.distributions()
-    else:
-        dists = metadata.distributions(
-            path=[str(p) for p in Path(prefix).glob("lib/python3*/site-packages")])
+    # Looked up by name: the finders match each name's folder, where walking every
+    # distribution parses all their metadata (0.13 s against 0.02 s a run here).
+    where = ({} if os.path.realpath(prefix) == os.path.realpath(sys.prefix) else
+             {"path": [str(p) for p in Path(prefix).glob("lib/python3*/site-packages")]})
     found: dict[str, str] = {}
-    for dist in dists:
-        name = (dist.metadata["Name"] or "").lower().replace("-", "_")
-        if name in RECORDED_PACKAGES and name not in found:
+    for name in RECORDED_PACKAGES:
+        dist = next(iter(metadata.distributions(name=name, **where)), None)
+        if dist is not None:
             found[name] = dist.version
     return dict(sorted(found.items()))
 
