@@ -54,6 +54,8 @@ TIMEOUT_S = 30
 BATCH = 256
 #: Results asked for in one QIDO-RS search.
 PAGE = 1000
+#: Times a DIMSE request whose answer comes back short is asked again.
+ATTEMPTS = 3
 
 _AE_SOURCE = re.compile(r"^(?P<aet>[^@\\]{1,16})@(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -259,6 +261,11 @@ class _DicomWeb:
         if credentials is not None:
             self.session.auth = (credentials.username, credentials.password)
         self.client = DICOMwebClient(node.url, session=self.session, timeout=TIMEOUT_S)
+        # It retries every failed request (a refused connection too) and 429/503/504
+        # answers, with exponential back-off: 3 tries, 1 s and 2 s apart, rather than its
+        # 5 over 30 s, so a wrong URL is reported at once.
+        self.client.set_http_retry_params(retry=True, max_attempts=3,
+                                          wait_exponential_multiplier=500)
 
     def close(self) -> None:
         self.session.close()
@@ -388,27 +395,54 @@ class _Dimse:
         assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.aet,
                              ext_neg=ext or None, evt_handlers=list(handlers) or None)
         if not assoc.is_established:
-            if assoc.is_rejected:
+            if assoc.is_rejected or assoc.is_aborted:  # Orthanc aborts a wrong called AET
                 raise PacsError(f"{where} refused the association while {doing} (is "
                                 f"{self.calling_aet} declared there, and is {self.node.aet} "
                                 "its AE title?)")
             raise PacsError(f"{where} did not accept an association while {doing}")
         return assoc
 
-    def _find(self, assoc, identifier, doing: str) -> list:
+    def _find(self, assoc, identifier, doing: str, expect: int | None = None) -> list:
+        """The C-FIND's matches. With *expect* (the count the PACS gave one level up),
+        asked again up to ATTEMPTS times until the count agrees: pynetdicom's reactor
+        thread can take a response off the queue under load (it logs "Received unexpected
+        C-FIND service message"), and a silently shorter list would import a study in part."""
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-        out = []
-        for status, found in assoc.send_c_find(identifier, FIND):
+        for _ in range(ATTEMPTS):
+            out = []
+            for status, found in assoc.send_c_find(identifier, FIND):
+                if status is None or "Status" not in status:
+                    raise PacsError(f"the DICOM node {self.node.label} stopped answering "
+                                    f"while {doing}")
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01) and found is not None:
+                    out.append(found)
+                elif code != 0x0000:
+                    raise PacsError(f"the DICOM node {self.node.label} failed a C-FIND while "
+                                    f"{doing} (status 0x{code:04X})")
+            if expect is None or len(out) == expect:
+                return out
+        raise PacsError(f"the DICOM node {self.node.label} listed {len(out)} of the {expect} "
+                        f"instances it counts while {doing}")
+
+    def _retrieve(self, assoc, model, move: bool, batch: list[Instance], doing: str) -> int | None:
+        """One C-GET or C-MOVE of *batch* (one series); its final status."""
+        from pydicom import Dataset
+
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID, q.SeriesInstanceUID = batch[0].study, batch[0].series
+        q.SOPInstanceUID = [inst.sop for inst in batch]
+        responses = (assoc.send_c_move(q, self.calling_aet, model) if move else
+                     assoc.send_c_get(q, model))
+        code = None
+        for status, _ in responses:
             if status is None or "Status" not in status:
-                raise PacsError(f"the DICOM node {self.node.label} stopped answering while {doing}")
+                raise PacsError(f"the DICOM node {self.node.label} stopped answering while "
+                                f"{doing}")
             code = int(status.Status)
-            if code in (0xFF00, 0xFF01) and found is not None:
-                out.append(found)
-            elif code != 0x0000:
-                raise PacsError(f"the DICOM node {self.node.label} failed a C-FIND while "
-                                f"{doing} (status 0x{code:04X})")
-        return out
+        return code
 
     def find(self, selection: Selection) -> list[Instance]:
         from pydicom import Dataset
@@ -438,13 +472,16 @@ class _Dimse:
                 q.QueryRetrieveLevel = "SERIES"
                 q.StudyInstanceUID = uid
                 q.SeriesInstanceUID = q.Modality = q.SeriesNumber = ""
+                q.NumberOfSeriesRelatedInstances = ""
                 for series in self._find(assoc, q, "listing a study's series"):
                     q = Dataset()
                     q.QueryRetrieveLevel = "IMAGE"
                     q.StudyInstanceUID = uid
                     q.SeriesInstanceUID = series.SeriesInstanceUID
                     q.SOPInstanceUID = q.SOPClassUID = q.InstanceNumber = ""
-                    for ds in self._find(assoc, q, "listing a series' instances"):
+                    count = series.get("NumberOfSeriesRelatedInstances")
+                    for ds in self._find(assoc, q, "listing a series' instances",
+                                         expect=int(count) if count not in (None, "") else None):
                         instances.append(Instance(
                             study=uid, series=str(series.SeriesInstanceUID),
                             sop=str(ds.get("SOPInstanceUID", "")),
@@ -459,7 +496,6 @@ class _Dimse:
             assoc.release()
 
     def fetch(self, pending: list[Instance], sink: "_Sink") -> None:
-        from pydicom import Dataset
         from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
@@ -514,25 +550,19 @@ class _Dimse:
             batches += [members[i:i + BATCH] for i in range(0, len(members), BATCH)]
         try:
             for batch in batches:
-                q = Dataset()
-                q.QueryRetrieveLevel = "IMAGE"
-                q.StudyInstanceUID, q.SeriesInstanceUID = batch[0].study, batch[0].series
-                q.SOPInstanceUID = [inst.sop for inst in batch]
-                responses = (assoc.send_c_get(q, model) if server is None else
-                             assoc.send_c_move(q, self.calling_aet, model))
-                code = None
-                for status, _ in responses:
-                    if status is None or "Status" not in status:
-                        raise PacsError(f"the DICOM node {self.node.label} stopped answering "
-                                        f"while {doing}")
-                    code = int(status.Status)
-                if errors:
-                    raise PacsError(errors[0])
-                missing = sum(not sink.has(inst) for inst in batch)
-                if code != 0x0000 or missing:
-                    raise PacsError(f"the DICOM node {self.node.label} did not deliver "
-                                    f"{missing or 'every'} of {len(batch)} instances of a "
-                                    f"series while {doing} (status 0x{(code or 0):04X})")
+                # Asked again for what did not arrive (see _find: a response can go missing).
+                for attempt in range(ATTEMPTS):
+                    code = self._retrieve(assoc, model, server is not None, batch, doing)
+                    if errors:
+                        raise PacsError(errors[0])
+                    missing = [inst for inst in batch if not sink.has(inst)]
+                    if not missing:
+                        break
+                    if attempt == ATTEMPTS - 1:
+                        raise PacsError(f"the DICOM node {self.node.label} did not deliver "
+                                        f"{len(missing)} of {len(batch)} instances of a "
+                                        f"series while {doing} (status 0x{(code or 0):04X})")
+                    batch = missing
         finally:
             if assoc.is_established:
                 assoc.release()
