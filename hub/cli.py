@@ -33,6 +33,7 @@ from .hubconfig import export_limits, load_hub_config, sandbox_config, screen_co
 from .indexes import load_indexes
 from .ingest import ingest_dataset, read_pseudonym_key
 from .logs import log_to_stderr
+from .pacs import import_from_pacs, parse_move_destination, read_pacs_credentials
 from .models import utcnow
 from .registry import list_datasets
 from .runner import get_run, list_runs, run_progress
@@ -120,8 +121,6 @@ def cmd_dataset_add(args, home: MedZoneHome) -> int:
 
 
 def _dataset_add_from_pacs(args, home: MedZoneHome, key: bytes | None) -> int:
-    from .pacs import import_from_pacs, parse_move_destination, read_pacs_credentials
-
     if args.source:
         raise InvalidInput("give a SOURCE folder or --from-pacs, not both")
     query = {}
