@@ -629,7 +629,12 @@ class _Sink:
         import pydicom
 
         tmp = self.tmp / f"{hashlib.sha256(inst.sop.encode()).hexdigest()[:24]}.part"
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as err:  # e.g. a full disk
+            tmp.unlink(missing_ok=True)
+            raise PacsError(f"cannot write to the download folder {self.root} "
+                            f"({err.strerror or err})") from None
         try:
             ds = pydicom.dcmread(tmp)
             if str(ds.get("SOPInstanceUID", "")) != inst.sop:
