@@ -202,6 +202,19 @@ class Instance:
     instance_number: str = ""
     rel: str = ""  # its path in the download folder
 
+    @classmethod
+    def listed(cls, study_uid: str, study, ds, *, series) -> "Instance":
+        """An instance as a search listed it: *ds* the instance's answer, *series* the
+        answer that carries its series' attributes (the same one over DICOMweb)."""
+        return cls(study=study_uid, series=str(series.get("SeriesInstanceUID", "")),
+                   sop=str(ds.get("SOPInstanceUID", "")),
+                   sop_class=str(ds.get("SOPClassUID", "")),
+                   patient_id=str(study.get("PatientID", "")),
+                   study_date=str(study.get("StudyDate", "")),
+                   modality=str(series.get("Modality", "")),
+                   series_number=str(series.get("SeriesNumber", "")),
+                   instance_number=str(ds.get("InstanceNumber", "")))
+
 
 def _number(text: str) -> tuple[int, str]:
     try:
@@ -336,15 +349,7 @@ class _DicomWeb:
                 raise self.fail(err, "listing a study's instances") from None
             for item in found:
                 ds = Dataset.from_json(item)
-                instances.append(Instance(
-                    study=uid, series=str(ds.get("SeriesInstanceUID", "")),
-                    sop=str(ds.get("SOPInstanceUID", "")),
-                    sop_class=str(ds.get("SOPClassUID", "")),
-                    patient_id=str(study.get("PatientID", "")),
-                    study_date=str(study.get("StudyDate", "")),
-                    modality=str(ds.get("Modality", "")),
-                    series_number=str(ds.get("SeriesNumber", "")),
-                    instance_number=str(ds.get("InstanceNumber", ""))))
+                instances.append(Instance.listed(uid, study, ds, series=ds))
         return instances
 
     def fetch(self, pending: list[Instance], sink: "_Sink") -> None:
@@ -482,15 +487,7 @@ class _Dimse:
                     count = series.get("NumberOfSeriesRelatedInstances")
                     for ds in self._find(assoc, q, "listing a series' instances",
                                          expect=int(count) if count not in (None, "") else None):
-                        instances.append(Instance(
-                            study=uid, series=str(series.SeriesInstanceUID),
-                            sop=str(ds.get("SOPInstanceUID", "")),
-                            sop_class=str(ds.get("SOPClassUID", "")),
-                            patient_id=str(study.get("PatientID", "")),
-                            study_date=str(study.get("StudyDate", "")),
-                            modality=str(series.get("Modality", "")),
-                            series_number=str(series.get("SeriesNumber", "")),
-                            instance_number=str(ds.get("InstanceNumber", ""))))
+                        instances.append(Instance.listed(uid, study, ds, series=series))
             return instances
         finally:
             assoc.release()

@@ -393,3 +393,15 @@ def demo_zone(module_env, cohort_dir):
 def demo_indexes(zone):
     """The screening index of ``demo``, loaded as the airlock loads it."""
     return load_indexes(zone.home, ["demo"])
+
+
+@pytest.fixture(scope="module", name="corpus")
+def demo_corpus(zone, tmp_path_factory):
+    """The corpus's cases built against ``demo`` and one other patient (seed 99), and the
+    home they were written in."""
+    from medzone_hub.demodata import generate_cohort
+
+    other = tmp_path_factory.mktemp("other") / "cohort"
+    generate_cohort(other, patients=1, seed=99, progress=False)
+    work = tmp_path_factory.mktemp("export") / "home"
+    return work, build_cases(zone.home.dataset_dir("demo"), other, work)

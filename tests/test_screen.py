@@ -13,17 +13,8 @@ from medzone_hub.screen import (RULES, FileVerdict, ScreenConfig, screen_bytes,
                                 screen_paths)
 from medzone_hub.screen.recognizers import find_identifiers
 
-from .screen_corpus import build_cases, dataset_facts, demo_indexes, demo_zone  # noqa: F401 (fixtures)
-
-
-@pytest.fixture(scope="module")
-def corpus(zone, tmp_path_factory):
-    from medzone_hub.demodata import generate_cohort
-
-    other = tmp_path_factory.mktemp("other") / "cohort"
-    generate_cohort(other, patients=1, seed=99, progress=False)
-    work = tmp_path_factory.mktemp("export") / "home"
-    return work, build_cases(zone.home.dataset_dir("demo"), other, work)
+from .screen_corpus import (dataset_facts, demo_corpus,  # noqa: F401 (fixtures)
+                            demo_indexes, demo_zone)
 
 
 def _run(case, indexes, work: Path) -> FileVerdict:

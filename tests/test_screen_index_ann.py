@@ -15,20 +15,10 @@ from medzone_hub.screen import ScreenConfig, screen_bytes, screen_paths
 from medzone_hub.screen.index import (ANN_FILE, FINGERPRINTS_DIR, FINGERPRINTS_FILE,
                                       INDEX_FILE, ScreeningIndex, ScreeningIndexBuilder)
 
-from .screen_corpus import build_cases, demo_indexes, demo_zone  # noqa: F401 (fixtures)
+from .screen_corpus import demo_corpus, demo_indexes, demo_zone  # noqa: F401 (fixtures)
 from .test_screening_index import INDEX_KEY, phantom, resized, windowed
 
 FORCED = ScreenConfig(ann_min_images=0)
-
-
-@pytest.fixture(scope="module")
-def corpus(zone, tmp_path_factory):
-    from medzone_hub.demodata import generate_cohort
-
-    other = tmp_path_factory.mktemp("other") / "cohort"
-    generate_cohort(other, patients=1, seed=99, progress=False)
-    work = tmp_path_factory.mktemp("export") / "home"
-    return work, build_cases(zone.home.dataset_dir("demo"), other, work)
 
 
 def _screen(case, indexes, work, config):
