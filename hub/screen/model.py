@@ -132,7 +132,8 @@ class ScreenConfig:
     # a region of a colour figure: pixels farther than this (RGB distance, of 255) from
     # the colour its map gives their luminance (or from a rainbow or diverging map) are
     # laid over it (contour lines, a mask) and take their nearest neighbour's value before
-    # the lookup (at most a quarter of the region); None: looked up as drawn
+    # the lookup when they form lines up to 4 pixels wide (a mask's blended area keeps its
+    # pixels; at most a quarter of the region); None: looked up as drawn
     figure_overlay_tolerance: float | None = 64.0
     # a group of solid blocks filling less of its box than regions do (a body with air
     # around it) is still a region when an axes' frame is drawn around it and it fills at

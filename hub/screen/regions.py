@@ -229,17 +229,24 @@ def _off_map(crop: np.ndarray, overlay: float) -> np.ndarray | None:
     if not far.any():
         return None
     off = far[inverse.reshape(-1)].reshape(rgb.shape[:2])
-    return _filled(_grey(rgb), off)
+    # Luminance as the figure's grey pixels have it (ITU-R 601, rounded to 8 bits).
+    luminance = np.rint(_grey(rgb)).astype(np.uint8)
+    filled = _filled(luminance, off)
+    return None if filled is luminance else filled
 
 
 def _filled(values: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """``values`` with the pixels ``off`` taking the value of the nearest pixel not off;
-    as they are when nothing, or more than a quarter, is off (then the map is not what
-    the region shows)."""
+    """``values`` with the pixels ``off`` that form lines (up to 4 pixels wide) taking the
+    value of the nearest pixel not off; as they are when nothing, or more than a quarter,
+    is off (then the map is not what the region shows)."""
+    from scipy import ndimage
+
+    # Lines only: a mask laid over an area is blended with the image, whose values still
+    # show through it; filling it in would lose them.
+    off = off & ~ndimage.binary_opening(off, structure=np.ones((5, 5), bool))
     share = float(off.mean()) if off.size else 0.0
     if share == 0.0 or share > 0.25:
         return values
-    from scipy import ndimage
 
     index = ndimage.distance_transform_edt(off, return_distances=False, return_indices=True)
     return values[tuple(index)]
